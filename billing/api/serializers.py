@@ -1,0 +1,266 @@
+"""Request validation and response shapes of /api/v1 (the public contract in
+DESIGN.md: extend freely, rename never)."""
+
+from decimal import Decimal
+
+from django.conf import settings
+from rest_framework import serializers
+
+from billing.models import CreditGrant, UsageEvent
+from plans.models import Plan
+
+from .fields import CreditsField, MoneyField, RateField
+
+POSITIVE = Decimal("0.000001")
+
+
+# --- Catalogue ----------------------------------------------------------------------
+
+class FeatureSerializer(serializers.Serializer):
+    code = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=64)
+    name = serializers.CharField(max_length=200)
+    unit = serializers.CharField(max_length=50, required=False, default="call")
+    default_credits_per_unit = CreditsField(required=False, default=Decimal("1"), min_value=Decimal("0"))
+
+
+class OverageTierSerializer(serializers.Serializer):
+    up_to = CreditsField(allow_null=True, min_value=POSITIVE,
+                         help_text="Upper bound in overage credits; null for the open-ended last tier.")
+    unit_price = RateField(min_value=Decimal("0"))
+
+
+class RolloverSerializer(serializers.Serializer):
+    policy = serializers.ChoiceField(choices=Plan.Rollover.values, default=Plan.Rollover.NONE)
+    max_credits = CreditsField(allow_null=True, required=False, default=None, min_value=Decimal("0"))
+
+
+class FeatureCostSerializer(serializers.Serializer):
+    feature = serializers.CharField(max_length=64)
+    credits_per_unit = CreditsField(min_value=Decimal("0"))
+
+
+class PlanSerializer(serializers.Serializer):
+    code = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=64)
+    name = serializers.CharField(max_length=200)
+    currency = serializers.ChoiceField(choices=[c for c, _ in Plan._meta.get_field("currency").choices], default="USD")
+    interval = serializers.ChoiceField(choices=Plan.Interval.values, default=Plan.Interval.MONTH)
+    base_price = MoneyField(min_value=Decimal("0"), default=Decimal("0"))
+    included_credits = CreditsField(min_value=Decimal("0"), default=Decimal("0"))
+    overage_enabled = serializers.BooleanField(default=False)
+    overage_unit_price = RateField(min_value=Decimal("0"), default=Decimal("0"))
+    overage_tiers = OverageTierSerializer(many=True, required=False, default=list)
+    overage_cap = MoneyField(min_value=Decimal("0"), allow_null=True, required=False, default=None)
+    cap_behaviour = serializers.ChoiceField(choices=Plan.CapBehaviour.values, default=Plan.CapBehaviour.PAUSE)
+    hard_limit_behaviour = serializers.ChoiceField(choices=Plan.HardLimit.values, default=Plan.HardLimit.BLOCK)
+    rollover = RolloverSerializer(required=False)
+    feature_costs = FeatureCostSerializer(many=True, required=False, default=list)
+
+    def validate_feature_costs(self, value):
+        codes = [item["feature"] for item in value]
+        if len(codes) != len(set(codes)):
+            raise serializers.ValidationError("Each feature may appear once.")
+        return value
+
+
+def plan_representation(plan: Plan) -> dict:
+    return {
+        "code": plan.code, "name": plan.name, "currency": plan.currency, "interval": plan.interval,
+        "base_price": plan.base_price, "included_credits": plan.included_credits,
+        "overage_enabled": plan.overage_enabled, "overage_unit_price": plan.overage_unit_price,
+        "overage_tiers": [{"up_to": t.up_to, "unit_price": t.unit_price} for t in plan.overage_tiers.all()],
+        "overage_cap": plan.overage_cap, "cap_behaviour": plan.cap_behaviour,
+        "hard_limit_behaviour": plan.hard_limit_behaviour,
+        "rollover": {"policy": plan.rollover_policy, "max_credits": plan.rollover_max_credits},
+        "feature_costs": [
+            {"feature": c.feature.code, "credits_per_unit": c.credits_per_unit}
+            for c in plan.feature_costs.select_related("feature").order_by("feature__code")
+        ],
+    }
+
+
+# --- Customers ----------------------------------------------------------------------
+
+class CustomerCreateSerializer(serializers.Serializer):
+    external_id = serializers.CharField(max_length=255)
+    name = serializers.CharField(max_length=200)
+    email = serializers.EmailField(required=False, allow_blank=True, default="")
+    plan = serializers.CharField(max_length=64, help_text="Plan code.")
+    started_at = serializers.DateTimeField(required=False, help_text="May be in the past; defaults to now.")
+
+
+class PeriodSerializer(serializers.Serializer):
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    status = serializers.CharField()
+
+
+class SubscriptionSerializer(serializers.Serializer):
+    plan = serializers.CharField(source="plan.code")
+    pending_plan = serializers.CharField(source="pending_plan.code", allow_null=True,
+                                         help_text="Plan that takes effect at the next period start.")
+    status = serializers.CharField()
+    started_at = serializers.DateTimeField()
+    billing_anchor = serializers.DateTimeField()
+
+
+class CustomerSerializer(serializers.Serializer):
+    external_id = serializers.CharField()
+    name = serializers.CharField()
+    email = serializers.EmailField()
+    created_at = serializers.DateTimeField()
+    subscription = SubscriptionSerializer(allow_null=True)
+    current_period = PeriodSerializer(allow_null=True)
+
+
+class SubscriptionChangeSerializer(serializers.Serializer):
+    plan = serializers.CharField(max_length=64)
+
+
+# --- Events -------------------------------------------------------------------------
+
+class EventSerializer(serializers.Serializer):
+    id = serializers.CharField(max_length=255, help_text="Your idempotency key, unique per customer forever.")
+    customer = serializers.CharField(max_length=255, help_text="The customer's external_id.")
+    feature = serializers.CharField(max_length=64)
+    quantity = CreditsField(min_value=POSITIVE, max_value=settings.OVERAGE_MAX_EVENT_QUANTITY)
+    timestamp = serializers.DateTimeField(required=False, help_text="When the usage happened; defaults to now.")
+    properties = serializers.DictField(required=False, default=dict)
+    reservation_id = serializers.UUIDField(required=False, help_text="Settles this reservation.")
+
+
+class EventResultSerializer(serializers.Serializer):
+    id = serializers.CharField(source="event_id")
+    customer = serializers.CharField(source="customer.external_id")
+    feature = serializers.CharField(source="feature.code")
+    quantity = CreditsField()
+    credits = CreditsField(help_text="Credits this event cost (quantity × credits per unit).")
+    overage_credits = CreditsField(help_text="Part of the credits not covered by any grant.")
+    timestamp = serializers.DateTimeField()
+    received_at = serializers.DateTimeField()
+    properties = serializers.DictField()
+    status = serializers.ChoiceField(choices=UsageEvent.Status.values,
+                                     help_text="`rejected` events are recorded but never billed.")
+    reason = serializers.CharField(source="reject_reason", allow_null=True,
+                                   help_text="Why a rejected event was refused, e.g. insufficient_credits.")
+    reservation_id = serializers.UUIDField(allow_null=True)
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        data["reason"] = data["reason"] or None
+        return data
+
+
+class EventBatchSerializer(serializers.Serializer):
+    events = serializers.ListField(child=serializers.DictField(), allow_empty=False,
+                                   max_length=settings.OVERAGE_MAX_BATCH_EVENTS)
+
+
+class BatchItemResultSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    id = serializers.CharField(allow_null=True)
+    http_status = serializers.IntegerField(help_text="What the single-event endpoint would have answered.")
+    outcome = serializers.ChoiceField(choices=["created", "duplicate", "error"])
+    event = EventResultSerializer(required=False)
+    error = serializers.DictField(required=False)
+
+
+class BatchResultSerializer(serializers.Serializer):
+    results = BatchItemResultSerializer(many=True)
+    counts = serializers.DictField(child=serializers.IntegerField())
+
+
+# --- Entitlements -------------------------------------------------------------------
+
+class EntitlementCheckSerializer(serializers.Serializer):
+    customer = serializers.CharField(max_length=255)
+    feature = serializers.CharField(max_length=64)
+    quantity = CreditsField(min_value=POSITIVE, max_value=settings.OVERAGE_MAX_EVENT_QUANTITY, default=Decimal("1"))
+    reserve = serializers.BooleanField(default=False)
+    reservation_ttl_seconds = serializers.IntegerField(
+        min_value=1, max_value=settings.OVERAGE_RESERVATION_MAX_TTL_SECONDS, required=False
+    )
+
+
+class EntitlementResultSerializer(serializers.Serializer):
+    allowed = serializers.BooleanField()
+    reason = serializers.ChoiceField(choices=["ok", "overage", "insufficient_credits", "spend_cap_reached", "paused",
+                                              "unknown_feature", "no_subscription"])
+    credits_required = CreditsField()
+    credits_remaining = CreditsField(help_text="Credits this feature can still draw from grants (before this request).")
+    overage_credits = CreditsField(help_text="Part of this request that would be billed as overage.")
+    estimated_overage_amount = MoneyField(help_text="The period's overage charge if this request goes through.")
+    currency = serializers.CharField(allow_null=True)
+    reservation_id = serializers.UUIDField(allow_null=True, required=False)
+    reservation_expires_at = serializers.DateTimeField(allow_null=True, required=False)
+
+
+class ReservationSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    customer = serializers.CharField(source="customer.external_id")
+    feature = serializers.CharField(source="feature.code")
+    credits = CreditsField()
+    status = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+
+
+# --- Usage and grants ---------------------------------------------------------------
+
+class FeatureUsageSerializer(serializers.Serializer):
+    feature = serializers.CharField()
+    name = serializers.CharField()
+    unit = serializers.CharField()
+    events = serializers.IntegerField()
+    quantity = CreditsField()
+    credits = CreditsField()
+    overage_credits = CreditsField()
+
+
+class UsageSerializer(serializers.Serializer):
+    period_start = serializers.DateTimeField()
+    period_end = serializers.DateTimeField()
+    period_status = serializers.CharField()
+    plan = serializers.CharField()
+    included_credits = CreditsField()
+    credits_used = CreditsField()
+    credits_remaining = CreditsField(help_text="All credits usable now (any source), less held credits.")
+    included_remaining = CreditsField()
+    purchased_remaining = CreditsField()
+    promotional_remaining = CreditsField(help_text="Promotional, rolled-over and manually granted credits.")
+    held_credits = CreditsField(help_text="Credits held by active reservations.")
+    overage_credits = CreditsField()
+    estimated_overage_amount = MoneyField()
+    base_amount = MoneyField()
+    estimated_total = MoneyField(help_text="Base fee plus estimated overage for this period.")
+    currency = serializers.CharField()
+    spend_cap = MoneyField(allow_null=True)
+    by_feature = FeatureUsageSerializer(many=True)
+
+
+class GrantCreateSerializer(serializers.Serializer):
+    credits = CreditsField(min_value=POSITIVE)
+    source = serializers.ChoiceField(
+        choices=[CreditGrant.Source.PROMOTIONAL, CreditGrant.Source.MANUAL_ADJUSTMENT],
+        default=CreditGrant.Source.PROMOTIONAL,
+    )
+    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    features = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list,
+                                     help_text="Limit the grant to these feature codes; empty = all features.")
+    idempotency_key = serializers.CharField(max_length=255)
+    description = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+
+
+class GrantSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    source = serializers.CharField()
+    credits = CreditsField()
+    remaining = CreditsField()
+    effective_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(allow_null=True)
+    features = serializers.SerializerMethodField()
+    idempotency_key = serializers.CharField(allow_null=True)
+    description = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+    def get_features(self, grant) -> list[str]:
+        return sorted(f.code for f in grant.features.all())
+

@@ -1,0 +1,18 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("features", views.FeatureListCreate.as_view(), name="features"),
+    path("plans", views.PlanListCreate.as_view(), name="plans"),
+    path("plans/<str:code>", views.PlanDetail.as_view(), name="plan-detail"),
+    path("customers", views.CustomerCreate.as_view(), name="customers"),
+    path("customers/<str:external_id>", views.CustomerDetail.as_view(), name="customer-detail"),
+    path("customers/<str:external_id>/subscription", views.SubscriptionChange.as_view(), name="subscription"),
+    path("customers/<str:external_id>/usage", views.CustomerUsage.as_view(), name="customer-usage"),
+    path("customers/<str:external_id>/grants", views.CustomerGrantCreate.as_view(), name="customer-grants"),
+    path("events", views.EventCreate.as_view(), name="events"),
+    path("events/batch", views.EventBatchCreate.as_view(), name="events-batch"),
+    path("entitlements/check", views.EntitlementCheck.as_view(), name="entitlement-check"),
+    path("reservations/<uuid:reservation_id>/release", views.ReservationRelease.as_view(), name="reservation-release"),
+]

@@ -1,0 +1,274 @@
+"""/api/v1 views: validate, call one service or selector, serialise. No rules here."""
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from billing import selectors
+from billing.errors import BillingError, NotFound
+from billing.models import BillingPeriod
+from billing.services import customers as customer_services
+from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
+from billing.services.ledger import grant_credits_once, grant_terms
+from billing.services.metering import EventInput, record_event, record_events
+from plans import services as plan_services
+from plans.models import Feature, Plan
+
+from . import serializers as s
+from .errors import error_body, validation_error_body
+
+
+class ScopedView(APIView):
+    required_scope = None  # set by every view; HasApiKeyScope refuses views without one
+
+
+def _valid(serializer_class, data):
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+# --- Catalogue ------------------------------------------------------------------------
+
+class FeatureListCreate(ScopedView):
+    required_scopes = {"GET": "read", "POST": "admin"}
+
+    @extend_schema(responses=s.FeatureSerializer(many=True))
+    def get(self, request):
+        return Response(s.FeatureSerializer(Feature.objects.all(), many=True).data)
+
+    @extend_schema(request=s.FeatureSerializer, responses={201: s.FeatureSerializer})
+    def post(self, request):
+        feature = plan_services.feature_create(**_valid(s.FeatureSerializer, request.data))
+        return Response(s.FeatureSerializer(feature).data, status=status.HTTP_201_CREATED)
+
+
+def _plan_out(plan: Plan) -> dict:
+    return s.PlanSerializer(s.plan_representation(plan)).data
+
+
+class PlanListCreate(ScopedView):
+    required_scopes = {"GET": "read", "POST": "admin"}
+
+    @extend_schema(responses=s.PlanSerializer(many=True))
+    def get(self, request):
+        plans = Plan.objects.filter(is_active=True).prefetch_related("overage_tiers")
+        return Response([_plan_out(plan) for plan in plans])
+
+    @extend_schema(request=s.PlanSerializer, responses={201: s.PlanSerializer})
+    def post(self, request):
+        data = _valid(s.PlanSerializer, request.data)
+        rollover = data.pop("rollover", None) or {}
+        plan = plan_services.plan_create(
+            **{k: v for k, v in data.items() if k not in ("overage_tiers", "feature_costs")},
+            overage_tiers=[plan_services.TierInput(t["up_to"], t["unit_price"]) for t in data["overage_tiers"]],
+            rollover_policy=rollover.get("policy", Plan.Rollover.NONE),
+            rollover_max_credits=rollover.get("max_credits"),
+            feature_costs={c["feature"]: c["credits_per_unit"] for c in data["feature_costs"]},
+        )
+        return Response(_plan_out(plan), status=status.HTTP_201_CREATED)
+
+
+class PlanDetail(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.PlanSerializer)
+    def get(self, request, code):
+        plan = Plan.objects.filter(code=code).first()
+        if plan is None:
+            raise NotFound(f"No plan with code {code!r}.", code="plan_not_found")
+        return Response(_plan_out(plan))
+
+
+# --- Customers ------------------------------------------------------------------------
+
+def _customer_out(customer) -> dict:
+    subscription = customer_services.live_subscription(customer)
+    period = (
+        BillingPeriod.objects.filter(customer=customer, status=BillingPeriod.Status.OPEN).order_by("-start").first()
+        if subscription else None
+    )
+    return s.CustomerSerializer({
+        "external_id": customer.external_id, "name": customer.name, "email": customer.email,
+        "created_at": customer.created_at, "subscription": subscription, "current_period": period,
+    }).data
+
+
+class CustomerCreate(ScopedView):
+    required_scope = "admin"
+
+    @extend_schema(request=s.CustomerCreateSerializer, responses={201: s.CustomerSerializer})
+    def post(self, request):
+        data = _valid(s.CustomerCreateSerializer, request.data)
+        customer = customer_services.customer_create(
+            external_id=data["external_id"], name=data["name"], email=data["email"], plan_code=data["plan"],
+            started_at=data.get("started_at"), now=timezone.now(),
+        )
+        return Response(_customer_out(customer), status=status.HTTP_201_CREATED)
+
+
+class CustomerDetail(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.CustomerSerializer)
+    def get(self, request, external_id):
+        return Response(_customer_out(customer_services.customer_get(external_id)))
+
+
+class SubscriptionChange(ScopedView):
+    required_scope = "admin"
+
+    @extend_schema(request=s.SubscriptionChangeSerializer, responses=s.CustomerSerializer,
+                   description="Change plan. The change takes effect at the start of the next period.")
+    def post(self, request, external_id):
+        data = _valid(s.SubscriptionChangeSerializer, request.data)
+        customer = customer_services.customer_get(external_id)
+        customer_services.subscription_change_plan(customer=customer, plan_code=data["plan"], now=timezone.now())
+        return Response(_customer_out(customer))
+
+
+# --- Events ---------------------------------------------------------------------------
+
+def _event_input(data: dict) -> EventInput:
+    return EventInput(
+        event_id=data["id"], customer=data["customer"], feature=data["feature"], quantity=data["quantity"],
+        timestamp=data.get("timestamp"), properties=data.get("properties") or {},
+        reservation_id=str(data["reservation_id"]) if data.get("reservation_id") else None,
+    )
+
+
+class EventCreate(ScopedView):
+    required_scope = "ingest"
+
+    @extend_schema(request=s.EventSerializer, responses={201: s.EventResultSerializer, 200: s.EventResultSerializer},
+                   description="Record usage. 201 the first time; 200 with the same body for a retry of the same "
+                               "`id`; 409 if the `id` was used with a different body.")
+    def post(self, request):
+        usage, created = record_event(event=_event_input(_valid(s.EventSerializer, request.data)), now=timezone.now())
+        return Response(s.EventResultSerializer(usage).data, status=201 if created else 200)
+
+
+class EventBatchCreate(ScopedView):
+    required_scope = "ingest"
+
+    @extend_schema(request=s.EventBatchSerializer, responses=s.BatchResultSerializer,
+                   description="Up to 1 000 events; each is recorded (or refused) on its own.")
+    def post(self, request):
+        items = _valid(s.EventBatchSerializer, request.data)["events"]
+        results: list[dict | None] = [None] * len(items)
+        inputs, positions = [], []
+        for index, item in enumerate(items):
+            serializer = s.EventSerializer(data=item)
+            if serializer.is_valid():
+                inputs.append(_event_input(serializer.validated_data))
+                positions.append(index)
+            else:
+                results[index] = {"index": index, "id": item.get("id") if isinstance(item.get("id"), str) else None,
+                                  "http_status": 400, "outcome": "error", **validation_error_body(serializer.errors)}
+        for index, item, outcome in zip(positions, inputs, record_events(events=inputs, now=timezone.now())):
+            if outcome.error is not None:
+                results[index] = {"index": index, "id": item.event_id,
+                                  "http_status": outcome.error.status, "outcome": "error",
+                                  **error_body(outcome.error.code, outcome.error.message, outcome.error.field)}
+            else:
+                results[index] = {"index": index, "id": outcome.event.event_id,
+                                  "http_status": 201 if outcome.created else 200,
+                                  "outcome": "created" if outcome.created else "duplicate",
+                                  "event": s.EventResultSerializer(outcome.event).data}
+        counts = {"created": 0, "duplicate": 0, "error": 0}
+        for result in results:
+            counts[result["outcome"]] += 1
+        return Response({"results": results, "counts": counts})
+
+
+# --- Entitlements and reservations ------------------------------------------------------
+
+class EntitlementCheck(ScopedView):
+    required_scope = "ingest"
+
+    @extend_schema(request=s.EntitlementCheckSerializer, responses=s.EntitlementResultSerializer)
+    def post(self, request):
+        data = _valid(s.EntitlementCheckSerializer, request.data)
+        decision = check_entitlement(
+            customer_external_id=data["customer"], feature_code=data["feature"], quantity=data["quantity"],
+            reserve=data["reserve"], reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now(),
+        )
+        body = {
+            "allowed": decision.allowed, "reason": decision.reason, "credits_required": decision.credits_required,
+            "credits_remaining": decision.credits_remaining, "overage_credits": decision.overage_credits,
+            "estimated_overage_amount": decision.estimated_overage_amount, "currency": decision.currency,
+        }
+        if data["reserve"]:
+            body["reservation_id"] = decision.reservation.pk if decision.reservation else None
+            body["reservation_expires_at"] = decision.reservation.expires_at if decision.reservation else None
+        return Response(s.EntitlementResultSerializer(body).data)
+
+
+class ReservationRelease(ScopedView):
+    required_scope = "ingest"
+
+    @extend_schema(request=None, responses=s.ReservationSerializer)
+    def post(self, request, reservation_id):
+        now = timezone.now()
+        reservation = reservation_release(reservation_id=reservation_id, now=now)
+        out = s.ReservationSerializer(reservation).data
+        out["status"] = reservation_status(reservation, now)
+        return Response(out)
+
+
+# --- Usage and grants -------------------------------------------------------------------
+
+class CustomerUsage(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(
+        parameters=[OpenApiParameter("at", str, description="ISO 8601 instant; the period containing it.")],
+        responses=s.UsageSerializer,
+    )
+    def get(self, request, external_id):
+        customer = customer_services.customer_get(external_id)
+        at = None
+        if "at" in request.query_params:
+            at = s.serializers.DateTimeField().run_validation(request.query_params["at"])
+        usage = selectors.period_usage(customer=customer, now=timezone.now(), at=at)
+        if usage is None:
+            raise BillingError("The customer has no billing period at that time.", code="no_subscription",
+                               status=404)
+        period, quote, balance = usage.period, usage.quote, usage.balance
+        return Response(s.UsageSerializer({
+            "period_start": period.start, "period_end": period.end, "period_status": period.status,
+            "plan": period.plan.code, "included_credits": period.included_credits,
+            "credits_used": period.credits_used, "credits_remaining": usage.credits_remaining,
+            "included_remaining": balance.included, "purchased_remaining": balance.purchased,
+            "promotional_remaining": balance.promotional, "held_credits": balance.held,
+            "overage_credits": period.overage_credits, "estimated_overage_amount": quote.overage.amount,
+            "base_amount": quote.base_amount, "estimated_total": quote.total, "currency": quote.currency,
+            "spend_cap": usage.spend_cap, "by_feature": usage.by_feature,
+        }).data)
+
+
+class CustomerGrantCreate(ScopedView):
+    required_scope = "admin"
+
+    @extend_schema(request=s.GrantCreateSerializer, responses={201: s.GrantSerializer, 200: s.GrantSerializer})
+    def post(self, request, external_id):
+        data = _valid(s.GrantCreateSerializer, request.data)
+        customer = customer_services.customer_get(external_id)
+        now = timezone.now()
+        codes = sorted(set(data["features"]))
+        features = list(Feature.objects.filter(code__in=codes))
+        if len(features) != len(codes):
+            missing = sorted(set(codes) - {f.code for f in features})
+            raise BillingError(f"Unknown feature(s): {', '.join(missing)}.", code="unknown_feature", field="features")
+        if data["expires_at"] is not None and data["expires_at"] <= now:
+            raise BillingError("expires_at must be in the future.", code="invalid", field="expires_at", status=400)
+        grant, created = grant_credits_once(
+            customer=customer, idempotency_key=data["idempotency_key"],
+            request_fingerprint=grant_terms(credits=data["credits"], source=data["source"],
+                                            expires_at=data["expires_at"], feature_codes=codes),
+            credits=data["credits"], source=data["source"], effective_at=now, expires_at=data["expires_at"],
+            features=features, description=data["description"], now=now,
+        )
+        return Response(s.GrantSerializer(grant).data, status=201 if created else 200)

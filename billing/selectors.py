@@ -1,0 +1,110 @@
+"""Reads that the API and the portal show. Money is priced by plans.pricing only."""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db.models import Sum
+
+from billing.models import BillingPeriod, CreditGrant, Customer, ReservationHold, UsageRollup
+from billing.services.customers import current_period, live_subscription
+from billing.services.ledger import active_reservations, effective_overage_cap
+from plans.money import ZERO
+from plans.pricing import PeriodQuote, price_period
+
+PURCHASED_SOURCES = {CreditGrant.Source.PURCHASE, CreditGrant.Source.AUTO_TOPUP}
+
+
+@dataclass
+class Balance:
+    """Credits a customer can still draw at one instant, by kind (holds excluded)."""
+
+    included: Decimal = ZERO
+    purchased: Decimal = ZERO
+    promotional: Decimal = ZERO  # promotional, rolled-over and manual credits
+    held: Decimal = ZERO  # held by active reservations
+
+    @property
+    def total(self) -> Decimal:
+        return self.included + self.purchased + self.promotional
+
+
+def balance_at(customer: Customer, at: datetime, now: datetime) -> Balance:
+    balance = Balance()
+    grants = CreditGrant.objects.filter(customer=customer, remaining__gt=0, effective_at__lte=at).exclude(
+        expires_at__lte=at
+    )
+    for source, remaining in grants.values_list("source").annotate(total=Sum("remaining")):
+        if source == CreditGrant.Source.PLAN_ALLOCATION:
+            balance.included += remaining
+        elif source in PURCHASED_SOURCES:
+            balance.purchased += remaining
+        else:
+            balance.promotional += remaining
+    balance.held = (
+        ReservationHold.objects.filter(reservation__in=active_reservations(customer, now))
+        .aggregate(total=Sum("credits"))["total"] or ZERO
+    )
+    return balance
+
+
+@dataclass
+class FeatureUsage:
+    feature: str
+    name: str
+    unit: str
+    events: int
+    quantity: Decimal
+    credits: Decimal
+    overage_credits: Decimal
+
+
+@dataclass
+class PeriodUsage:
+    period: BillingPeriod
+    balance: Balance
+    quote: PeriodQuote
+    spend_cap: Decimal | None
+    by_feature: list[FeatureUsage] = field(default_factory=list)
+
+    @property
+    def credits_remaining(self) -> Decimal:
+        return self.balance.total - self.balance.held
+
+
+def period_usage(*, customer: Customer, now: datetime, at: datetime | None = None) -> PeriodUsage | None:
+    """Usage of the period containing `at` (default: the current period). Balances are
+    as of now for the current period and as of the period's last instant otherwise."""
+    if at is None or at >= now:
+        period = current_period(customer=customer, now=now)
+    else:
+        period = (
+            BillingPeriod.objects.select_related("plan")
+            .filter(customer=customer, start__lte=at, end__gt=at).order_by("-start").first()
+        )
+    if period is None:
+        return None
+    plan = period.plan
+    balance_instant = min(now, period.end - timedelta(microseconds=1))
+    rollups = (
+        UsageRollup.objects.filter(period=period)
+        .values("feature__code", "feature__name", "feature__unit")
+        .annotate(events=Sum("events"), quantity=Sum("quantity"), credits=Sum("credits"),
+                  overage_credits=Sum("overage_credits"))
+        .order_by("-credits", "feature__code")
+    )
+    return PeriodUsage(
+        period=period,
+        balance=balance_at(customer, balance_instant, now),
+        quote=price_period(plan, period.overage_credits),
+        spend_cap=effective_overage_cap(plan, customer),
+        by_feature=[
+            FeatureUsage(r["feature__code"], r["feature__name"], r["feature__unit"], r["events"], r["quantity"],
+                         r["credits"], r["overage_credits"])
+            for r in rollups
+        ],
+    )
+
+
+def customer_subscription(customer: Customer):
+    return live_subscription(customer)

@@ -1,0 +1,152 @@
+"""Customers, subscriptions and the opening of billing periods."""
+
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+
+from billing.errors import BillingError, Conflict, NotFound
+from billing.models import BillingPeriod, CreditGrant, Customer, Subscription
+from billing.periods import as_utc, period_bounds_at, period_start, period_index_at
+from billing.services.ledger import grant_credits
+from billing.services.locks import lock_customer
+from plans.models import Plan
+
+
+def _active_plan(code: str, *, field: str = "plan") -> Plan:
+    try:
+        return Plan.objects.get(code=code, is_active=True)
+    except Plan.DoesNotExist:
+        raise NotFound(f"No active plan with code {code!r}.", code="plan_not_found", field=field, status=422) from None
+
+
+@transaction.atomic
+def customer_create(*, external_id: str, name: str, email: str = "", plan_code: str,
+                    started_at: datetime | None = None, now: datetime) -> Customer:
+    """Create a customer subscribed to a plan. `started_at` may be in the past: every
+    period from then until now is opened with its included credits."""
+    plan = _active_plan(plan_code)
+    started_at = as_utc(started_at or now)
+    if started_at > now:
+        raise BillingError("started_at cannot be in the future.", code="invalid", field="started_at", status=400)
+    customer = Customer(external_id=external_id, name=name, email=email)
+    customer.full_clean(exclude=["external_id"])  # uniqueness is the database's job, below
+    try:
+        with transaction.atomic():
+            customer.save()
+    except IntegrityError:
+        raise Conflict(f"A customer with external_id {external_id!r} already exists.", code="customer_exists",
+                       field="external_id") from None
+    subscription = Subscription.objects.create(
+        customer=customer, plan=plan, started_at=started_at, billing_anchor=started_at
+    )
+    lock_customer(customer.pk)
+    open_periods(subscription=subscription, until=now)
+    return customer
+
+
+def customer_get(external_id: str) -> Customer:
+    try:
+        return Customer.objects.get(external_id=external_id)
+    except Customer.DoesNotExist:
+        raise NotFound(f"No customer with external_id {external_id!r}.", code="customer_not_found") from None
+
+
+def live_subscription(customer: Customer) -> Subscription | None:
+    return (
+        Subscription.objects.select_related("plan")
+        .filter(customer=customer)
+        .exclude(status=Subscription.Status.CANCELED)
+        .first()
+    )
+
+
+def open_periods(*, subscription: Subscription, until: datetime) -> list[BillingPeriod]:
+    """Open every billing period of `subscription` up to the one containing `until`,
+    each with a grant of its plan's included credits that expires at the period's end.
+
+    Idempotent; the caller holds the customer's lock. A plan change scheduled for the
+    next period (`pending_plan`) takes effect when that period opens.
+    """
+    last = subscription.periods.order_by("-start").first()
+    if last is not None and last.end > until:
+        return []
+    if until < subscription.started_at:
+        return []
+    anchor, interval = subscription.billing_anchor, subscription.plan.interval
+    index = period_index_at(anchor, interval, last.start) + 1 if last else period_index_at(anchor, interval, subscription.started_at)
+    created = []
+    while True:
+        start = period_start(anchor, interval, index)
+        if start > until:
+            break
+        if subscription.pending_plan_id and last is not None:
+            subscription.plan = subscription.pending_plan
+            subscription.pending_plan = None
+            subscription.save(update_fields=["plan", "pending_plan"])
+        plan = subscription.plan
+        end = period_start(anchor, interval, index + 1)
+        # The first period starts when the subscription does (the anchor), later ones on
+        # the anchor's rhythm.
+        period = BillingPeriod.objects.create(
+            subscription=subscription, customer_id=subscription.customer_id, plan=plan,
+            start=max(start, subscription.started_at), end=end, included_credits=plan.included_credits,
+        )
+        if plan.included_credits > 0:
+            grant_credits(
+                customer=subscription.customer, credits=plan.included_credits,
+                source=CreditGrant.Source.PLAN_ALLOCATION, effective_at=period.start, expires_at=period.end,
+                period=period, idempotency_key=f"included:period:{period.pk}",
+                description=f"Included in {plan.name}", now=period.start,
+            )
+        created.append(period)
+        last = period
+        index += 1
+    return created
+
+
+def period_for(subscription: Subscription, at: datetime) -> BillingPeriod | None:
+    return BillingPeriod.objects.select_related("plan").filter(subscription=subscription, start__lte=at, end__gt=at).first()
+
+
+def current_period(*, customer: Customer, now: datetime) -> BillingPeriod | None:
+    """The customer's open period containing `now`, opening periods if time has moved
+    on since the last one (takes the customer lock only when there is work)."""
+    subscription = live_subscription(customer)
+    if subscription is None:
+        return None
+    period = period_for(subscription, now)
+    if period is None:
+        with transaction.atomic():
+            lock_customer(customer.pk)
+            open_periods(subscription=subscription, until=now)
+        period = period_for(subscription, now)
+    return period
+
+
+@transaction.atomic
+def subscription_change_plan(*, customer: Customer, plan_code: str, now: datetime) -> Subscription:
+    """Schedule a plan change for the start of the next period.
+
+    The current period keeps the plan (and included credits) it was opened with, so a
+    change can never grant a second allotment of included credits within a period.
+    Choosing the current plan again cancels a scheduled change. (Immediate, prorated
+    upgrades are a later addition; see docs/billing-rules.md.)
+    """
+    plan = _active_plan(plan_code)
+    lock_customer(customer.pk)
+    subscription = live_subscription(customer)
+    if subscription is None:
+        raise BillingError("The customer has no live subscription.", code="no_subscription")
+    open_periods(subscription=subscription, until=now)
+    if plan.interval != subscription.plan.interval:
+        raise BillingError("Changing between monthly and yearly plans is not supported yet.",
+                           code="interval_change_unsupported", field="plan")
+    subscription.pending_plan = None if plan.pk == subscription.plan_id else plan
+    subscription.save(update_fields=["pending_plan"])
+    return subscription
+
+
+__all__ = [
+    "customer_create", "customer_get", "live_subscription", "open_periods", "period_for",
+    "current_period", "subscription_change_plan", "period_bounds_at",
+]

@@ -1,0 +1,112 @@
+"""May this customer use this feature now? And reservations: holds on credits that
+make the answer stick when many requests race for the last credits."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+
+from billing.errors import BillingError, Conflict, NotFound
+from billing.models import Customer, Reservation, ReservationHold
+from billing.services.customers import current_period, live_subscription
+from billing.services.ledger import Reason, plan_charge
+from billing.services.locks import lock_customer
+from billing.services.metering import credits_for
+from plans.models import Feature
+from plans.money import ZERO
+
+
+@dataclass
+class EntitlementDecision:
+    allowed: bool
+    reason: str
+    credits_required: Decimal
+    credits_remaining: Decimal
+    overage_credits: Decimal
+    estimated_overage_amount: Decimal
+    currency: str | None
+    reservation: Reservation | None = None
+
+
+def check_entitlement(*, customer_external_id: str, feature_code: str, quantity: Decimal, now: datetime,
+                      reserve: bool = False, reservation_ttl_seconds: int | None = None) -> EntitlementDecision:
+    """Decide whether `quantity` of `feature_code` may be used now, with the same rules
+    an event would be charged by. With `reserve`, hold the credits (and the overage
+    room under the cap) until an event settles the reservation, it is released, or it
+    expires."""
+    customer = Customer.objects.filter(external_id=customer_external_id).first()
+    if customer is None:
+        raise NotFound(f"No customer with external_id {customer_external_id!r}.", code="customer_not_found",
+                       field="customer")
+    feature = Feature.objects.filter(code=feature_code).first()
+    if feature is None:
+        return _denied(Reason.UNKNOWN_FEATURE)
+    period = current_period(customer=customer, now=now)
+    subscription = live_subscription(customer)
+    if period is None or subscription is None:
+        return _denied(Reason.NO_SUBSCRIPTION)
+    credits = credits_for(period.plan, feature, quantity)
+    if not reserve:
+        return _decision(plan_charge(customer=customer, subscription=subscription, period=period, feature=feature,
+                                     credits=credits, at=now, now=now))
+    ttl = reservation_ttl_seconds or settings.OVERAGE_RESERVATION_TTL_SECONDS
+    with transaction.atomic():
+        lock_customer(customer.pk)
+        period.refresh_from_db()
+        charge = plan_charge(customer=customer, subscription=subscription, period=period, feature=feature,
+                             credits=credits, at=now, now=now)
+        reservation = None
+        if charge.allowed:
+            reservation = Reservation.objects.create(
+                customer=customer, feature=feature, period=period, quantity=quantity, credits=credits,
+                overage_credits=charge.overage_credits, created_at=now, expires_at=now + timedelta(seconds=ttl),
+            )
+            ReservationHold.objects.bulk_create(
+                ReservationHold(reservation=reservation, grant=draw.grant, credits=draw.credits) for draw in charge.draws
+            )
+        return _decision(charge, reservation)
+
+
+def _decision(charge, reservation=None) -> EntitlementDecision:
+    return EntitlementDecision(
+        allowed=charge.allowed, reason=charge.reason, credits_required=charge.credits,
+        credits_remaining=charge.available_credits,
+        overage_credits=charge.overage_credits if charge.allowed else ZERO,
+        estimated_overage_amount=charge.estimated_overage_amount, currency=charge.plan.currency,
+        reservation=reservation,
+    )
+
+
+def _denied(reason: str) -> EntitlementDecision:
+    return EntitlementDecision(allowed=False, reason=reason, credits_required=ZERO, credits_remaining=ZERO,
+                               overage_credits=ZERO, estimated_overage_amount=ZERO, currency=None)
+
+
+def reservation_release(*, reservation_id, now: datetime) -> Reservation:
+    """Give a reservation's held credits back. Releasing twice is harmless; releasing a
+    reservation an event already settled is a conflict."""
+    reservation = Reservation.objects.filter(pk=reservation_id).first()
+    if reservation is None:
+        raise NotFound("No such reservation.", code="reservation_not_found")
+    with transaction.atomic():
+        lock_customer(reservation.customer_id)
+        reservation.refresh_from_db()
+        if reservation.status == Reservation.Status.SETTLED:
+            raise Conflict("This reservation was already settled by an event.", code="reservation_settled")
+        if reservation.status == Reservation.Status.ACTIVE:
+            reservation.status = Reservation.Status.RELEASED
+            reservation.ended_at = now
+            reservation.save(update_fields=["status", "ended_at"])
+    return reservation
+
+
+def reservation_status(reservation: Reservation, now: datetime) -> str:
+    """active | settled | released | expired (an active hold past its expiry)."""
+    if reservation.status == Reservation.Status.ACTIVE and reservation.expires_at <= now:
+        return "expired"
+    return reservation.status
+
+
+__all__ = ["check_entitlement", "reservation_release", "reservation_status", "EntitlementDecision", "BillingError"]

@@ -1,0 +1,22 @@
+from django.db import transaction
+
+from billing.models import Customer
+
+
+def lock_customer(customer_id: int) -> Customer:
+    """Lock one customer's row for the rest of the transaction.
+
+    Every change to a customer's credits happens under this lock, so concurrent
+    consumers, reservations and period openings for the same customer run one after
+    another while different customers proceed in parallel. Code that must lock
+    several customers locks them in primary-key order (see `lock_customers`) so two
+    transactions can never wait on each other.
+    """
+    assert transaction.get_connection().in_atomic_block, "lock_customer needs a transaction"
+    return Customer.objects.select_for_update().get(pk=customer_id)
+
+
+def lock_customers(customer_ids) -> dict[int, Customer]:
+    assert transaction.get_connection().in_atomic_block, "lock_customers needs a transaction"
+    customers = Customer.objects.select_for_update().filter(pk__in=sorted(set(customer_ids))).order_by("pk")
+    return {c.pk: c for c in customers}

@@ -1,0 +1,13 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(("billing.api.urls", "api"), namespace="api")),
+    path("api/schema/", SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]), name="schema"),
+    path("api/docs/", SpectacularRedocView.as_view(url_name="schema", authentication_classes=[],
+                                                    permission_classes=[]), name="api-docs"),
+    path("portal/", include("portal.urls")),
+    path("", include("portal.root_urls")),
+]

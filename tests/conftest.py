@@ -1,0 +1,31 @@
+import pytest
+from django.db import connection
+from rest_framework.test import APIClient
+
+from billing.services.api_keys import api_key_create
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `postgres` prove behaviour under real row locks; on the SQLite
+    default they are skipped, with the reason shown by `pytest -ra`."""
+    if connection.vendor == "postgresql":
+        return
+    skip = pytest.mark.skip(reason="needs PostgreSQL row locks (SELECT … FOR UPDATE); "
+                                   "set DATABASE_URL=postgres://… to run it")
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def api_key(db):
+    _, key = api_key_create(name="tests")
+    return key
+
+
+@pytest.fixture
+def api(api_key):
+    """An API client authenticated with an all-scopes key."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key}")
+    return client
