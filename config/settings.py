@@ -167,3 +167,9 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# Default beat schedule; django-celery-beat copies it into the database, where it can be
+# edited in the admin.
+CELERY_BEAT_SCHEDULE = {
+    "expire-credit-grants": {"task": "billing.tasks.expire_credit_grants_task", "schedule": 300.0},
+}
