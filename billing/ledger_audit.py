@@ -1,71 +1,64 @@
 """Checks that every cache of the ledger equals what its entries say.
 
 Used by `manage.py ledger_check` in production and by the tests after every scenario.
-Each check is one aggregate query, so it runs over millions of entries.
+Sums are grouped in the database and compared here in Decimal (SQLite's SQL decimal
+arithmetic is floating point; the per-group sums Django returns are quantized back to
+the column's precision).
 """
 
+from collections import defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
 
-from django.db.models import Count, F, OuterRef, Q, Subquery, Sum, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Count, Sum
 
 from billing.models import BillingPeriod, CreditGrant, LedgerEntry, UsageEvent, UsageRollup
-from plans.money import CREDIT_DIGITS, CREDIT_PLACES
+from plans.money import credits_total
 
 ZERO = Decimal("0")
 
 
-def _sum(queryset, field="credits"):
-    from django.db.models import DecimalField
-
-    return Coalesce(
-        Subquery(queryset.values(field)[:1]), Value(ZERO),
-        output_field=DecimalField(max_digits=CREDIT_DIGITS + 6, decimal_places=CREDIT_PLACES),
-    )
-
-
 def ledger_mismatches() -> Iterator[str]:
-    """Yield a readable description of every mismatch, grants first."""
-    entry_sum = (
-        LedgerEntry.objects.filter(grant=OuterRef("pk")).order_by().values("grant")
-        .annotate(total=Sum("credits")).values("total")
-    )
-    grants = CreditGrant.objects.annotate(ledger=_sum(entry_sum, "total")).exclude(remaining=F("ledger"))
-    for grant in grants.select_related("customer").order_by("pk"):
-        yield (f"grant {grant.pk} of customer {grant.customer.external_id}: remaining {grant.remaining} "
-               f"but its ledger entries sum to {grant.ledger}")
-
-    used = (
-        LedgerEntry.objects.filter(period=OuterRef("pk"), kind__in=["consume", "overage"]).order_by()
-        .values("period").annotate(total=Sum("credits")).values("total")
-    )
-    overage = (
-        LedgerEntry.objects.filter(period=OuterRef("pk"), kind="overage").order_by()
-        .values("period").annotate(total=Sum("credits")).values("total")
-    )
-    periods = BillingPeriod.objects.annotate(ledger_used=_sum(used, "total"), ledger_overage=_sum(overage, "total"))
-    bad_periods = periods.filter(
-        ~Q(credits_used=-F("ledger_used")) | ~Q(overage_credits=-F("ledger_overage"))
-    ).select_related("customer").order_by("pk")
-    for period in bad_periods:
-        yield (f"period {period.pk} of customer {period.customer.external_id}: cached used/overage "
-               f"{period.credits_used}/{period.overage_credits} but entries say "
-               f"{-period.ledger_used}/{-period.ledger_overage}")
-
-    accepted = {
-        (row["period"], row["feature"]): row
-        for row in UsageEvent.objects.filter(status=UsageEvent.Status.ACCEPTED).order_by()
-        .values("period", "feature").annotate(events=Count("pk"), credits=Sum("credits"),
-                                               overage=Sum("overage_credits"))
+    """Yield a readable description of every mismatch: grants, then periods, then
+    rollups."""
+    by_grant = {
+        grant: credits_total(total)
+        for grant, total in LedgerEntry.objects.filter(grant__isnull=False).order_by().values_list("grant")
+        .annotate(Sum("credits"))
     }
-    rolled = {
-        (row["period"], row["feature"]): row
-        for row in UsageRollup.objects.order_by().values("period", "feature")
-        .annotate(events=Sum("events"), credits=Sum("credits"), overage=Sum("overage_credits"))
-    }
+    grants = CreditGrant.objects.order_by("pk").values_list("pk", "customer__external_id", "remaining")
+    for pk, customer, remaining in grants.iterator():
+        entries = by_grant.get(pk, ZERO)
+        if remaining != entries or remaining < ZERO:
+            yield f"grant {pk} of customer {customer}: remaining {remaining} but its ledger entries sum to {entries}"
+
+    used, overage = defaultdict(lambda: ZERO), defaultdict(lambda: ZERO)
+    period_sums = (
+        LedgerEntry.objects.filter(kind__in=["consume", "overage"]).order_by()
+        .values_list("period", "kind").annotate(Sum("credits"))
+    )
+    for period, kind, total in period_sums:
+        total = credits_total(total)
+        used[period] -= total
+        if kind == "overage":
+            overage[period] -= total
+    periods = BillingPeriod.objects.order_by("pk").values_list("pk", "customer__external_id", "credits_used",
+                                                                "overage_credits")
+    for pk, customer, credits_used, overage_credits in periods.iterator():
+        if (credits_used, overage_credits) != (used[pk], overage[pk]):
+            yield (f"period {pk} of customer {customer}: cached used/overage {credits_used}/{overage_credits} "
+                   f"but entries say {used[pk]}/{overage[pk]}")
+
+    def figures(queryset, count):
+        return {
+            (row["period"], row["feature"]): (row["n"], credits_total(row["credits"]), credits_total(row["overage"]))
+            for row in queryset.order_by().values("period", "feature")
+            .annotate(n=count, credits=Sum("credits"), overage=Sum("overage_credits"))
+        }
+
+    accepted = figures(UsageEvent.objects.filter(status=UsageEvent.Status.ACCEPTED), Count("pk"))
+    rolled = figures(UsageRollup.objects.all(), Sum("events"))
     for key in sorted(set(accepted) | set(rolled)):
-        a, r = accepted.get(key), rolled.get(key)
-        figures = lambda row: (row["events"], row["credits"], row["overage"]) if row else (0, ZERO, ZERO)  # noqa: E731
-        if figures(a) != figures(r):
-            yield f"rollups of period {key[0]} feature {key[1]}: events say {figures(a)}, rollups say {figures(r)}"
+        a, r = accepted.get(key, (0, ZERO, ZERO)), rolled.get(key, (0, ZERO, ZERO))
+        if a != r:
+            yield f"rollups of period {key[0]} feature {key[1]}: events say {a}, rollups say {r}"

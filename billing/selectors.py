@@ -9,7 +9,7 @@ from django.db.models import Sum
 from billing.models import BillingPeriod, CreditGrant, Customer, ReservationHold, UsageRollup
 from billing.services.customers import current_period, live_subscription
 from billing.services.ledger import active_reservations, effective_overage_cap
-from plans.money import ZERO
+from plans.money import ZERO, credits_total
 from plans.pricing import PeriodQuote, price_period
 
 PURCHASED_SOURCES = {CreditGrant.Source.PURCHASE, CreditGrant.Source.AUTO_TOPUP}
@@ -35,15 +35,16 @@ def balance_at(customer: Customer, at: datetime, now: datetime) -> Balance:
         expires_at__lte=at
     )
     for source, remaining in grants.values_list("source").annotate(total=Sum("remaining")):
+        remaining = credits_total(remaining)
         if source == CreditGrant.Source.PLAN_ALLOCATION:
             balance.included += remaining
         elif source in PURCHASED_SOURCES:
             balance.purchased += remaining
         else:
             balance.promotional += remaining
-    balance.held = (
+    balance.held = credits_total(
         ReservationHold.objects.filter(reservation__in=active_reservations(customer, now))
-        .aggregate(total=Sum("credits"))["total"] or ZERO
+        .aggregate(total=Sum("credits"))["total"]
     )
     return balance
 
@@ -99,8 +100,9 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
         quote=price_period(plan, period.overage_credits),
         spend_cap=effective_overage_cap(plan, customer),
         by_feature=[
-            FeatureUsage(r["feature__code"], r["feature__name"], r["feature__unit"], r["events"], r["quantity"],
-                         r["credits"], r["overage_credits"])
+            FeatureUsage(r["feature__code"], r["feature__name"], r["feature__unit"], r["events"],
+                         credits_total(r["quantity"]), credits_total(r["credits"]),
+                         credits_total(r["overage_credits"]))
             for r in rollups
         ],
     )

@@ -65,3 +65,10 @@ def quantize_credits(value: Decimal) -> Decimal:
     (a millionth of a credit), half-up. This happens once per event; every sum of
     credits after that is exact."""
     return value.quantize(Decimal(1).scaleb(-CREDIT_PLACES), rounding=ROUND_HALF_UP)
+
+
+def credits_total(value) -> Decimal:
+    """An aggregated sum of credits as read from the database, at credit precision.
+    (On SQLite, SUM over decimals runs in floating point and Django does not quantize
+    aggregates; on PostgreSQL this changes nothing.)"""
+    return quantize_credits(Decimal(value)) if value is not None else ZERO

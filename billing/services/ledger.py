@@ -20,7 +20,7 @@ from billing.models import (
 )
 from billing.services.locks import lock_customer
 from plans.models import Feature, Plan
-from plans.money import ZERO
+from plans.money import ZERO, credits_total
 from plans.pricing import price_overage
 
 
@@ -158,10 +158,12 @@ def plan_charge(*, customer: Customer, subscription: Subscription, period: Billi
     """
     plan = period.plan
     others = active_reservations(customer, now, exclude=reservation)
-    held_by_grant = dict(
-        ReservationHold.objects.filter(reservation__in=others).values_list("grant_id").annotate(Sum("credits"))
-    )
-    held_overage = others.filter(period=period).aggregate(total=Sum("overage_credits"))["total"] or ZERO
+    held_by_grant = {
+        grant: credits_total(total)
+        for grant, total in ReservationHold.objects.filter(reservation__in=others).values_list("grant_id")
+        .annotate(Sum("credits"))
+    }
+    held_overage = credits_total(others.filter(period=period).aggregate(total=Sum("overage_credits"))["total"])
 
     draws, need, available = [], credits, ZERO
     for grant in usable_grants(customer, feature, at):
@@ -219,12 +221,17 @@ def apply_charge(charge: ChargePlan, *, customer: Customer, event: UsageEvent) -
                                    period=charge.period, event=event, feature=event.feature,
                                    effective_at=event.timestamp))
     LedgerEntry.objects.bulk_create(entries)
+    # New balances are computed here in Decimal, not with F() in SQL: SQLite does
+    # decimal arithmetic in floating point. The customer lock makes the values read by
+    # plan_charge current.
     for draw in charge.draws:
-        CreditGrant.objects.filter(pk=draw.grant.pk).update(remaining=F("remaining") - draw.credits)
-    BillingPeriod.objects.filter(pk=charge.period.pk).update(
-        credits_used=F("credits_used") + charge.credits,
-        overage_credits=F("overage_credits") + charge.overage_credits,
-    )
+        draw.grant.remaining -= draw.credits
+        CreditGrant.objects.filter(pk=draw.grant.pk).update(remaining=draw.grant.remaining)
+    period = charge.period
+    period.credits_used += charge.credits
+    period.overage_credits += charge.overage_credits
+    BillingPeriod.objects.filter(pk=period.pk).update(credits_used=period.credits_used,
+                                                      overage_credits=period.overage_credits)
 
 
 # --- Expiry -----------------------------------------------------------------------------
@@ -259,4 +266,5 @@ def expire_grant(*, grant: CreditGrant, customer: Customer, at: datetime, note: 
         return
     LedgerEntry.objects.create(customer=customer, kind=LedgerEntry.Kind.EXPIRE, credits=-grant.remaining,
                                grant=grant, period=grant.period, effective_at=at, note=note)
-    CreditGrant.objects.filter(pk=grant.pk).update(remaining=F("remaining") - grant.remaining)
+    grant.remaining = ZERO
+    CreditGrant.objects.filter(pk=grant.pk).update(remaining=ZERO)

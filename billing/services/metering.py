@@ -8,7 +8,6 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
 
 from billing.errors import BillingError, Conflict, NotFound
 from billing.periods import as_utc
@@ -134,15 +133,18 @@ def _record_event(event: EventInput, fingerprint: str, now: datetime) -> tuple[U
 
 
 def _add_to_rollup(usage: UsageEvent) -> None:
-    """Add an accepted event to its day's rollup (the customer lock makes this safe)."""
+    """Add an accepted event to its day's rollup. The customer lock makes the
+    read-then-write safe; sums are taken in Decimal (SQLite's SQL arithmetic is float)."""
     key = {"period_id": usage.period_id, "feature_id": usage.feature_id, "day": usage.timestamp.date()}
-    updated = UsageRollup.objects.filter(**key).update(
-        events=F("events") + 1, quantity=F("quantity") + usage.quantity, credits=F("credits") + usage.credits,
-        overage_credits=F("overage_credits") + usage.overage_credits,
-    )
-    if not updated:
+    rollup = UsageRollup.objects.filter(**key).first()
+    if rollup is None:
         UsageRollup.objects.create(**key, events=1, quantity=usage.quantity, credits=usage.credits,
                                    overage_credits=usage.overage_credits)
+        return
+    UsageRollup.objects.filter(pk=rollup.pk).update(
+        events=rollup.events + 1, quantity=rollup.quantity + usage.quantity, credits=rollup.credits + usage.credits,
+        overage_credits=rollup.overage_credits + usage.overage_credits,
+    )
 
 
 @dataclass
