@@ -199,10 +199,10 @@ class EntitlementCheck(ScopedView):
             "allowed": decision.allowed, "reason": decision.reason, "credits_required": decision.credits_required,
             "credits_remaining": decision.credits_remaining, "overage_credits": decision.overage_credits,
             "estimated_overage_amount": decision.estimated_overage_amount, "currency": decision.currency,
+            # Always present (null unless a reservation was made), so the shape never varies.
+            "reservation_id": decision.reservation.pk if decision.reservation else None,
+            "reservation_expires_at": decision.reservation.expires_at if decision.reservation else None,
         }
-        if data["reserve"]:
-            body["reservation_id"] = decision.reservation.pk if decision.reservation else None
-            body["reservation_expires_at"] = decision.reservation.expires_at if decision.reservation else None
         return Response(s.EntitlementResultSerializer(body).data)
 
 
