@@ -1,0 +1,361 @@
+"""Admin for customers and the credit ledger.
+
+The admin is a window, not a second write path: ledger rows (grants, entries, events,
+reservations, periods) are read-only here, and the few things an operator may create
+(a customer, a promotional or manual grant, an API key) are created by the same
+services the API calls. Nothing here computes credits or money.
+"""
+
+import uuid
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import widgets as admin_widgets
+from django.http import HttpResponseRedirect
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from billing.models import (
+    ApiKey, BillingPeriod, CreditGrant, Customer, CustomerMember, LedgerEntry, Reservation, Subscription,
+    UsageEvent,
+)
+from billing.selectors import balance_at
+from billing.services.api_keys import api_key_create, api_key_revoke
+from billing.services.customers import customer_create, live_subscription
+from billing.services.ledger import grant_credits_once, grant_terms
+from plans.admin import format_credits, format_money
+from plans.errors import DomainError
+from plans.models import Feature, Plan
+from plans.money import CREDIT_DIGITS, CREDIT_PLACES
+from plans.pricing import price_period
+
+
+def adopt(obj, created) -> None:
+    """Make the admin's unsaved `obj` stand for the row a service created, so the
+    admin's history entry, inlines and redirect refer to the real row."""
+    for field in obj._meta.concrete_fields:
+        setattr(obj, field.attname, getattr(created, field.attname))
+    obj._state.adding = False
+    obj._state.db = created._state.db
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """View-only: rows are written by services (and ledger entries never change)."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+# --- Customers --------------------------------------------------------------------------
+
+class CustomerMemberInline(admin.TabularInline):
+    model = CustomerMember
+    extra = 0
+    autocomplete_fields = ("user",)
+    verbose_name = "portal login"
+    verbose_name_plural = "portal logins"
+
+
+class CustomerAddForm(forms.ModelForm):
+    """A new customer with its subscription; `customer_create` opens its periods and
+    grants the included credits, exactly as the API does."""
+
+    plan = forms.ModelChoiceField(queryset=Plan.objects.filter(is_active=True), help_text="Active plans only.")
+    started_at = forms.SplitDateTimeField(
+        required=False, widget=admin_widgets.AdminSplitDateTime,
+        help_text="UTC. Empty = now. A past start opens every period since, each with its included credits.",
+    )
+
+    class Meta:
+        model = Customer
+        fields = ("external_id", "name", "email")
+
+    def clean_started_at(self):
+        started_at = self.cleaned_data["started_at"]
+        # Refused by customer_create too; checked here so it shows on the form.
+        if started_at is not None and started_at > timezone.now():
+            raise forms.ValidationError("The start cannot be in the future.")
+        return started_at
+
+
+@admin.register(Customer)
+class CustomerAdmin(admin.ModelAdmin):
+    list_display = ("external_id", "name", "email", "created_at")
+    search_fields = ("external_id", "name", "email")
+    inlines = (CustomerMemberInline,)
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = CustomerAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ("external_id", "name", "email", "plan", "started_at")
+        return ("external_id", "name", "email", "subscription", "current_balance", "created_at")
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return ()
+        # external_id is the integrator's key for the customer in every API call.
+        return ("external_id", "subscription", "current_balance", "created_at")
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # billing history hangs off the customer (and is protected anyway)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        now = timezone.now()
+        customer = customer_create(
+            external_id=obj.external_id, name=obj.name, email=obj.email,
+            plan_code=form.cleaned_data["plan"].code, started_at=form.cleaned_data["started_at"], now=now,
+        )
+        adopt(obj, customer)
+
+    @admin.display(description="Subscription")
+    def subscription(self, customer):
+        subscription = live_subscription(customer)
+        if subscription is None:
+            return "No live subscription"
+        url = reverse("admin:billing_subscription_change", args=[subscription.pk])
+        pending = f", changing to {subscription.pending_plan.code} next period" if subscription.pending_plan else ""
+        return format_html('<a href="{}">{} ({}){}</a>', url, subscription.plan.name, subscription.get_status_display(),
+                           pending)
+
+    @admin.display(description="Current balance")
+    def current_balance(self, customer):
+        now = timezone.now()
+        balance = balance_at(customer, now, now)
+        return (f"{format_credits(balance.total)} credits: {format_credits(balance.included)} included, "
+                f"{format_credits(balance.purchased)} purchased, {format_credits(balance.promotional)} "
+                f"promotional/rolled over/manual; {format_credits(balance.held)} held by reservations")
+
+
+@admin.register(Subscription)
+class SubscriptionAdmin(ReadOnlyAdmin):
+    list_display = ("customer", "plan", "pending_plan", "status", "started_at", "billing_anchor", "canceled_at")
+    list_filter = ("status", "plan")
+    search_fields = ("customer__external_id", "customer__name")
+    list_select_related = ("customer", "plan", "pending_plan")
+
+
+@admin.register(BillingPeriod)
+class BillingPeriodAdmin(ReadOnlyAdmin):
+    list_display = ("customer", "plan", "start", "end", "status", "included_credits", "credits_used",
+                    "overage_credits", "overage_amount")
+    list_filter = ("status", "plan")
+    search_fields = ("customer__external_id",)
+    date_hierarchy = "start"
+    list_select_related = ("customer", "plan")
+    readonly_fields = ("overage_amount",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("plan__overage_tiers")
+
+    @admin.display(description="Overage amount")
+    def overage_amount(self, period):
+        # The period's cached overage credits through the one pricing function; for a
+        # closed period the invoice is the record.
+        quote = price_period(period.plan, period.overage_credits)
+        return format_money(quote.overage.amount, quote.currency)
+
+
+# --- Grants -----------------------------------------------------------------------------
+
+class GrantAddForm(forms.ModelForm):
+    """A promotional or manual grant through `grant_credits_once`. The idempotency key
+    is minted when the form is rendered, so submitting the same form twice (a double
+    click, a browser retry) grants once."""
+
+    source = forms.ChoiceField(
+        choices=[(s.value, s.label) for s in (CreditGrant.Source.PROMOTIONAL, CreditGrant.Source.MANUAL_ADJUSTMENT)],
+        initial=CreditGrant.Source.PROMOTIONAL,
+    )
+    credits = forms.DecimalField(max_digits=CREDIT_DIGITS, decimal_places=CREDIT_PLACES, min_value=0,
+                                 help_text="Credits to add (positive).")
+    expires_at = forms.SplitDateTimeField(required=False, widget=admin_widgets.AdminSplitDateTime,
+                                          help_text="UTC. Empty = never expires.")
+    features = forms.ModelMultipleChoiceField(
+        queryset=Feature.objects.all(), required=False,
+        widget=admin_widgets.FilteredSelectMultiple("features", is_stacked=False),
+        help_text="Only these features may use the grant; none selected = every feature.",
+    )
+    request_key = forms.CharField(widget=forms.HiddenInput, initial=lambda: uuid.uuid4().hex)
+
+    class Meta:
+        model = CreditGrant
+        fields = ("customer", "source", "credits", "expires_at", "features", "description")
+
+    def clean_credits(self):
+        credits = self.cleaned_data["credits"]
+        if credits <= 0:
+            raise forms.ValidationError("A grant must add a positive number of credits.")
+        return credits
+
+    def clean_expires_at(self):
+        expires_at = self.cleaned_data["expires_at"]
+        # The same input rule as POST /customers/{id}/grants.
+        if expires_at is not None and expires_at <= timezone.now():
+            raise forms.ValidationError("The expiry must be in the future.")
+        return expires_at
+
+
+@admin.register(CreditGrant)
+class CreditGrantAdmin(admin.ModelAdmin):
+    list_display = ("id", "customer", "source", "credits", "remaining", "effective_at", "expires_at", "created_at")
+    list_filter = ("source",)
+    search_fields = ("customer__external_id",)
+    list_select_related = ("customer",)
+    autocomplete_fields = ("customer",)
+
+    ADD_FIELDS = ("customer", "source", "credits", "expires_at", "features", "description", "request_key")
+    VIEW_FIELDS = ("customer", "source", "credits", "remaining", "priority", "effective_at", "expires_at",
+                   "features", "period", "pack", "idempotency_key", "description", "created_at")
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = GrantAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        return self.ADD_FIELDS if obj is None else self.VIEW_FIELDS
+
+    def has_change_permission(self, request, obj=None):
+        return False  # a grant changes only through ledger entries
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        now = timezone.now()
+        features = list(data["features"])
+        try:
+            grant, created = grant_credits_once(
+                customer=data["customer"], idempotency_key=f"admin:{data['request_key']}",
+                request_fingerprint=grant_terms(credits=data["credits"], source=data["source"],
+                                                expires_at=data["expires_at"],
+                                                feature_codes=[f.code for f in features]),
+                credits=data["credits"], source=data["source"], effective_at=now, expires_at=data["expires_at"],
+                features=features, description=data["description"], now=now,
+            )
+        except DomainError as error:
+            obj._service_outcome = "refused"
+            messages.error(request, f"Nothing was granted: {error.message} Open a fresh add form to make a new grant.")
+            return
+        adopt(obj, grant)
+        obj._service_outcome = "created" if created else "repeat"
+        if not created:
+            messages.info(request, "This form was already submitted; the grant below was made then. Nothing new "
+                                   "was granted.")
+
+    def save_related(self, request, form, formsets, change):
+        pass  # grant_credits_once already set the grant's features
+
+    def log_addition(self, request, obj, message):
+        if getattr(obj, "_service_outcome", None) == "created":
+            return super().log_addition(request, obj, message)
+        return None
+
+    def response_add(self, request, obj, post_url_continue=None):
+        outcome = getattr(obj, "_service_outcome", None)
+        if outcome == "created":
+            return super().response_add(request, obj, post_url_continue)
+        if outcome == "repeat":
+            return HttpResponseRedirect(reverse("admin:billing_creditgrant_change", args=[obj.pk]))
+        return HttpResponseRedirect(reverse("admin:billing_creditgrant_changelist"))
+
+
+# --- The ledger and usage (append-only) --------------------------------------------------
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(ReadOnlyAdmin):
+    list_display = ("id", "customer", "kind", "credits", "grant", "feature", "effective_at", "created_at", "note")
+    list_filter = ("kind",)
+    search_fields = ("customer__external_id",)
+    list_select_related = ("customer", "grant", "feature")
+
+
+@admin.register(UsageEvent)
+class UsageEventAdmin(ReadOnlyAdmin):
+    list_display = ("event_id", "customer", "feature", "quantity", "credits", "overage_credits", "status",
+                    "reject_reason", "timestamp")
+    list_filter = ("status", "feature")
+    search_fields = ("event_id", "customer__external_id")
+    date_hierarchy = "timestamp"
+    list_select_related = ("customer", "feature")
+
+
+@admin.register(Reservation)
+class ReservationAdmin(ReadOnlyAdmin):
+    list_display = ("id", "customer", "feature", "quantity", "credits", "overage_credits", "status", "created_at",
+                    "expires_at", "ended_at")
+    list_filter = ("status",)
+    search_fields = ("customer__external_id",)
+    list_select_related = ("customer", "feature")
+
+
+# --- API keys ---------------------------------------------------------------------------
+
+class ApiKeyAddForm(forms.ModelForm):
+    scopes = forms.MultipleChoiceField(
+        choices=ApiKey.Scope.choices, required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="None selected = every scope.",
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ("name",)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    # key_hash is never shown: the plaintext key is shown once, at creation.
+    list_display = ("name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    search_fields = ("name", "prefix")
+    actions = ("revoke_keys",)
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = ApiKeyAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ("name", "scopes")
+        return ("name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at")
+
+    def has_change_permission(self, request, obj=None):
+        return False  # keys are immutable; revoke one and create another
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # revoked keys stay, so their use remains traceable
+
+    def has_revoke_permission(self, request):
+        return request.user.has_perm("billing.change_apikey")
+
+    def save_model(self, request, obj, form, change):
+        api_key, key = api_key_create(name=form.cleaned_data["name"], scopes=form.cleaned_data["scopes"] or None)
+        adopt(obj, api_key)
+        messages.success(request, f"API key {api_key.name!r} created with scopes {', '.join(api_key.scopes)}. "
+                                  f"Copy it now; it cannot be shown again: {key}")
+
+    @admin.action(description="Revoke selected keys", permissions=["revoke"])
+    def revoke_keys(self, request, queryset):
+        now = timezone.now()
+        revoked = 0
+        for api_key in queryset.filter(revoked_at__isnull=True):
+            api_key_revoke(api_key=api_key, now=now)
+            revoked += 1
+        self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
+

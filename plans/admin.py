@@ -1,0 +1,141 @@
+"""Admin for the catalogue: features, plans (with their feature costs and overage
+tiers) and credit packs.
+
+Field rules come from the models' validators (no negative price, credit or rate can
+be saved); tier rules come from `plans.services.validate_tiers`, the same function the
+API uses; the pricing preview comes from `plans.pricing`. Nothing is computed here.
+"""
+
+from decimal import Decimal
+
+from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.forms.models import BaseInlineFormSet
+from django.utils.html import format_html, format_html_join
+
+from .errors import DomainError
+from .models import CreditPack, Feature, FeatureCost, OverageTier, Plan
+from .money import ZERO, minor_unit_exponent, round_money
+from .pricing import price_credits_used
+from .services import TierInput, validate_tiers
+
+
+def format_money(amount: Decimal, currency: str) -> str:
+    """`USD 1,234.57`: currency code, thousands separators, the currency's minor units.
+    Display only; the amount is rounded by `round_money`, the one rounding helper."""
+    places = minor_unit_exponent(currency)
+    return f"{currency} {round_money(amount, currency):,.{places}f}"
+
+
+def format_credits(credits: Decimal) -> str:
+    """`15,000` or `0.5`: credits without trailing zeros."""
+    return f"{credits.normalize():,f}"
+
+
+class CodeReadonlyOnChangeMixin:
+    # Codes are what integrators send in API calls and events; renaming one would break
+    # their integration silently, so a code is fixed once created.
+    def get_readonly_fields(self, request, obj=None):
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        return readonly + ("code",) if obj is not None else readonly
+
+
+@admin.register(Feature)
+class FeatureAdmin(CodeReadonlyOnChangeMixin, admin.ModelAdmin):
+    list_display = ("code", "name", "unit", "default_credits_per_unit", "created_at")
+    search_fields = ("code", "name")
+
+
+class FeatureCostInline(admin.TabularInline):
+    model = FeatureCost
+    extra = 0
+    autocomplete_fields = ("feature",)
+
+
+class OverageTierFormSet(BaseInlineFormSet):
+    """Checks the tiers as a whole with the rule the API uses: bounds strictly
+    ascending in the order entered, only the last tier open-ended, no negative price."""
+
+    def clean(self):
+        super().clean()
+        if any(self.errors):
+            return  # field errors are shown on their rows first
+        tiers = []
+        for form in self.forms:
+            if not form.has_changed() and not form.instance.pk:
+                continue  # an untouched extra row
+            if self.can_delete and self._should_delete_form(form):
+                continue
+            if not form.cleaned_data:
+                continue
+            tiers.append(TierInput(up_to=form.cleaned_data.get("up_to"),
+                                   unit_price=form.cleaned_data.get("unit_price")))
+        try:
+            validate_tiers(tiers)
+        except DomainError as error:
+            raise ValidationError(error.message) from None
+
+
+class OverageTierInline(admin.TabularInline):
+    model = OverageTier
+    formset = OverageTierFormSet
+    extra = 0
+    verbose_name = "overage tier"
+    verbose_name_plural = ("Overage tiers (graduated; list them from the lowest bound up, the last row "
+                           "with no bound. With no tiers, the flat overage unit price applies.)")
+
+
+@admin.register(Plan)
+class PlanAdmin(CodeReadonlyOnChangeMixin, admin.ModelAdmin):
+    list_display = ("code", "name", "currency", "interval", "base_price", "included_credits", "overage_enabled",
+                    "is_active")
+    list_filter = ("currency", "interval", "overage_enabled", "rollover_policy", "is_active")
+    search_fields = ("code", "name")
+    inlines = (FeatureCostInline, OverageTierInline)
+    readonly_fields = ("pricing_preview",)
+    fieldsets = (
+        (None, {"fields": ("code", "name", "currency", "interval", "is_active")}),
+        ("Price and credits", {"fields": ("base_price", "included_credits")}),
+        ("Overage", {"fields": ("overage_enabled", "overage_unit_price", "overage_cap", "cap_behaviour",
+                                "hard_limit_behaviour")}),
+        ("Rollover", {"fields": ("rollover_policy", "rollover_max_credits")}),
+        ("Pricing preview", {"fields": ("pricing_preview",)}),
+    )
+
+    # Usage levels shown in the preview, besides 0 and the plan's own included credits.
+    PREVIEW_INCLUDED_MULTIPLIER = Decimal("1.5")
+    PREVIEW_FIXED_CREDITS = (Decimal("15000"), Decimal("100000"))
+
+    def preview_credit_amounts(self, plan: Plan) -> list[Decimal]:
+        amounts = {ZERO, plan.included_credits, plan.included_credits * self.PREVIEW_INCLUDED_MULTIPLIER,
+                   *self.PREVIEW_FIXED_CREDITS}
+        # Decimals compare by value, so 10000 and 10000.000000 collapse into one.
+        return sorted(amounts)
+
+    @admin.display(description="Pricing preview")
+    def pricing_preview(self, plan: Plan):
+        if plan is None or plan.pk is None:
+            return "Save the plan to see what it bills at a few usage levels."
+        tiers = list(plan.overage_tiers.all())
+        rows = []
+        for credits in self.preview_credit_amounts(plan):
+            quote = price_credits_used(plan, credits, tiers=tiers)
+            rows.append((
+                format_credits(credits), format_money(quote.total, quote.currency),
+                format_money(quote.base_amount, quote.currency), format_money(quote.overage.amount, quote.currency),
+            ))
+        items = format_html_join(
+            "", "<li>At {} credits this plan bills {} (base {} + overage {})</li>", rows,
+        )
+        note = ""
+        if not plan.overage_enabled:
+            note = format_html("<p>Overage is off: beyond the included credits, {}.</p>",
+                               plan.get_hard_limit_behaviour_display().lower())
+        return format_html('<ul class="pricing-preview">{}</ul>{}', items, note)
+
+
+@admin.register(CreditPack)
+class CreditPackAdmin(CodeReadonlyOnChangeMixin, admin.ModelAdmin):
+    list_display = ("code", "name", "credits", "price", "currency", "expires_after_days", "is_active")
+    list_filter = ("currency", "is_active")
+    search_fields = ("code", "name")
