@@ -23,8 +23,8 @@ from billing.models import (
 from billing.selectors import balance_at
 from billing.services.api_keys import api_key_create, api_key_revoke
 from billing.services.customers import customer_create, live_subscription
-from billing.services.ledger import grant_credits_once, grant_terms
-from plans.admin import format_credits, format_money
+from billing.services.ledger import check_grant_request, grant_credits_once
+from plans.money import format_credits, format_money
 from plans.errors import DomainError
 from plans.models import Feature, Plan
 from plans.money import CREDIT_DIGITS, CREDIT_PLACES
@@ -195,18 +195,15 @@ class GrantAddForm(forms.ModelForm):
         model = CreditGrant
         fields = ("customer", "source", "credits", "expires_at", "features", "description")
 
-    def clean_credits(self):
-        credits = self.cleaned_data["credits"]
-        if credits <= 0:
-            raise forms.ValidationError("A grant must add a positive number of credits.")
-        return credits
-
-    def clean_expires_at(self):
-        expires_at = self.cleaned_data["expires_at"]
-        # The same input rule as POST /customers/{id}/grants.
-        if expires_at is not None and expires_at <= timezone.now():
-            raise forms.ValidationError("The expiry must be in the future.")
-        return expires_at
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("credits") is not None:
+            try:  # the service's own rules, shown inline on the form
+                check_grant_request(credits=cleaned["credits"], expires_at=cleaned.get("expires_at"),
+                                    now=timezone.now())
+            except DomainError as error:
+                self.add_error(error.field, error.message)
+        return cleaned
 
 
 @admin.register(CreditGrant)
@@ -242,10 +239,7 @@ class CreditGrantAdmin(admin.ModelAdmin):
         try:
             grant, created = grant_credits_once(
                 customer=data["customer"], idempotency_key=f"admin:{data['request_key']}",
-                request_fingerprint=grant_terms(credits=data["credits"], source=data["source"],
-                                                expires_at=data["expires_at"],
-                                                feature_codes=[f.code for f in features]),
-                credits=data["credits"], source=data["source"], effective_at=now, expires_at=data["expires_at"],
+                credits=data["credits"], source=data["source"], expires_at=data["expires_at"],
                 features=features, description=data["description"], now=now,
             )
         except DomainError as error:

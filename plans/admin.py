@@ -15,21 +15,9 @@ from django.utils.html import format_html, format_html_join
 
 from .errors import DomainError
 from .models import CreditPack, Feature, FeatureCost, OverageTier, Plan
-from .money import ZERO, minor_unit_exponent, round_money
+from .money import ZERO, format_credits, format_money
 from .pricing import price_credits_used
 from .services import TierInput, validate_tiers
-
-
-def format_money(amount: Decimal, currency: str) -> str:
-    """`USD 1,234.57`: currency code, thousands separators, the currency's minor units.
-    Display only; the amount is rounded by `round_money`, the one rounding helper."""
-    places = minor_unit_exponent(currency)
-    return f"{currency} {round_money(amount, currency):,.{places}f}"
-
-
-def format_credits(credits: Decimal) -> str:
-    """`15,000` or `0.5`: credits without trailing zeros."""
-    return f"{credits.normalize():,f}"
 
 
 class CodeReadonlyOnChangeMixin:

@@ -72,3 +72,15 @@ def credits_total(value) -> Decimal:
     (On SQLite, SUM over decimals runs in floating point and Django does not quantize
     aggregates; on PostgreSQL this changes nothing.)"""
     return quantize_credits(Decimal(value)) if value is not None else ZERO
+
+
+def format_money(amount: Decimal, currency: str) -> str:
+    """`USD 1,234.57`: currency code, thousands separators, the currency's minor units.
+    Display only; the amount is rounded by `round_money`, the one rounding helper."""
+    places = minor_unit_exponent(currency)
+    return f"{currency} {round_money(amount, currency):,.{places}f}"
+
+
+def format_credits(credits: Decimal) -> str:
+    """`15,000` or `0.5`: credits without trailing zeros."""
+    return f"{credits.normalize():,f}"

@@ -11,7 +11,7 @@ from billing.errors import BillingError, NotFound
 from billing.models import BillingPeriod
 from billing.services import customers as customer_services
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
-from billing.services.ledger import grant_credits_once, grant_terms
+from billing.services.ledger import grant_credits_once
 from billing.services.metering import EventInput, record_event, record_events
 from plans import services as plan_services
 from plans.models import Feature, Plan
@@ -262,13 +262,9 @@ class CustomerGrantCreate(ScopedView):
         if len(features) != len(codes):
             missing = sorted(set(codes) - {f.code for f in features})
             raise BillingError(f"Unknown feature(s): {', '.join(missing)}.", code="unknown_feature", field="features")
-        if data["expires_at"] is not None and data["expires_at"] <= now:
-            raise BillingError("expires_at must be in the future.", code="invalid", field="expires_at", status=400)
         grant, created = grant_credits_once(
-            customer=customer, idempotency_key=data["idempotency_key"],
-            request_fingerprint=grant_terms(credits=data["credits"], source=data["source"],
-                                            expires_at=data["expires_at"], feature_codes=codes),
-            credits=data["credits"], source=data["source"], effective_at=now, expires_at=data["expires_at"],
-            features=features, description=data["description"], now=now,
+            customer=customer, idempotency_key=data["idempotency_key"], credits=data["credits"],
+            source=data["source"], expires_at=data["expires_at"], features=features,
+            description=data["description"], now=now,
         )
         return Response(s.GrantSerializer(grant).data, status=201 if created else 200)

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q, Sum
 
-from billing.errors import Conflict
+from billing.errors import BillingError, Conflict
 from billing.models import (
     BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, ReservationHold, Subscription,
     UsageEvent,
@@ -65,29 +65,41 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
 
 
 @transaction.atomic
-def grant_credits_once(*, customer: Customer, idempotency_key: str, request_fingerprint: dict,
-                       **grant_kwargs) -> tuple[CreditGrant, bool]:
-    """An externally requested grant (API, admin): idempotent by key, and a repeat of a
-    key with different terms is a conflict rather than a silent no-op."""
+def grant_credits_once(*, customer: Customer, idempotency_key: str, credits: Decimal, source: str,
+                       now: datetime, expires_at: datetime | None = None, features=(),
+                       description: str = "") -> tuple[CreditGrant, bool]:
+    """A grant requested from outside (API, admin), effective now: idempotent by key,
+    and a repeat of a key with different terms is a conflict rather than a silent
+    no-op. Returns (grant, created)."""
+    check_grant_request(credits=credits, expires_at=expires_at, now=now)
+    features = list(features)
+    terms = grant_terms(credits=credits, source=source, expires_at=expires_at, feature_codes=[f.code for f in features])
     lock_customer(customer.pk)
     existing = CreditGrant.objects.filter(customer=customer, idempotency_key=idempotency_key).first()
     if existing is not None:
-        if _grant_terms(existing) != request_fingerprint:
+        existing_terms = grant_terms(credits=existing.credits, source=existing.source, expires_at=existing.expires_at,
+                                     feature_codes=[f.code for f in existing.features.all()])
+        if existing_terms != terms:
             raise Conflict("This idempotency_key was used for a different grant.", code="idempotency_conflict",
                            field="idempotency_key")
         return existing, False
-    grant = grant_credits(customer=customer, idempotency_key=idempotency_key, **grant_kwargs)
+    grant = grant_credits(customer=customer, credits=credits, source=source, effective_at=now,
+                          expires_at=expires_at, features=features, idempotency_key=idempotency_key,
+                          description=description, now=now)
     return grant, True
 
 
-def _grant_terms(grant: CreditGrant) -> dict:
-    return grant_terms(
-        credits=grant.credits, source=grant.source, expires_at=grant.expires_at,
-        feature_codes=[f.code for f in grant.features.all()],
-    )
+def check_grant_request(*, credits: Decimal, expires_at: datetime | None, now: datetime) -> None:
+    """The input rules of an external grant (forms call this to show errors inline)."""
+    if credits <= ZERO:
+        raise BillingError("A grant must add a positive number of credits.", code="invalid", field="credits",
+                           status=400)
+    if expires_at is not None and expires_at <= now:
+        raise BillingError("expires_at must be in the future.", code="invalid", field="expires_at", status=400)
 
 
 def grant_terms(*, credits: Decimal, source: str, expires_at: datetime | None, feature_codes) -> dict:
+    """What makes two grant requests the same request."""
     return {
         "credits": format(credits.normalize(), "f"),
         "source": source,

@@ -22,7 +22,7 @@ from billing.selectors import period_usage
 from billing.services.api_keys import api_key_create
 from billing.services.customers import customer_create
 from billing.services.metering import EventInput, record_events
-from plans.admin import format_credits, format_money
+from plans.money import format_credits, format_money
 from plans.models import CreditPack, Feature, Plan
 from plans.services import TierInput, feature_create, plan_create
 
