@@ -1,0 +1,782 @@
+"""Ingestion benchmark for Overage: the API against the raw limits of the same machine.
+
+Run from the project root:  .venv/bin/python bench/ingest.py   (or `make bench`)
+
+What it does, all on 127.0.0.1, bounded in time and count (about 1-2 minutes):
+  1. drops and re-creates the PostgreSQL database `overage_bench`, migrates it, and
+     creates one feature, a Pro-like plan (10 000 included credits, overage at 0.002),
+     N customers and an API key through the project's own services;
+  2. starts `gunicorn config.wsgi --workers 2` in production mode (DEBUG=0);
+  3. measures, with an asyncio/aiohttp client of bounded concurrency:
+       batch ingestion   POST /api/v1/events/batch (100 events per request, see
+                         bench/README.md; then one 1 000-event request as a probe)
+       single ingestion  POST /api/v1/events
+       entitlement check POST /api/v1/entitlements/check
+  4. measures the raw limits: PostgreSQL COPY of as many rows as the batch phase
+     ingested, into a scratch table `bench_raw_events`; one-row INSERT+COMMIT
+     transactions; Redis GET round trips;
+  5. prints a table and writes bench/results/ingest.json.
+gunicorn is always stopped at the end. The only database touched is `overage_bench`
+(left in place for inspection; pass --drop-db to drop it at the end).
+
+Exit status is 1 if any API answer was not the one expected (wrong status, batch
+counts.created != batch size, a check that was not allowed) or a phase failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "ingest.json"
+PYTHON = sys.executable
+VENV_BIN = Path(PYTHON).parent
+
+PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DB_NAME = "overage_bench"
+DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+FEATURE = "api_call"
+PLAN = "pro"
+INCLUDED_CREDITS = Decimal("10000")
+OVERAGE_UNIT_PRICE = Decimal("0.002")
+PROPERTIES = {"region": "eu-west", "model": "small"}  # what every event carries
+
+
+# --- Setup (runs in a child process with Django configured) ---------------------------
+
+def setup_catalogue(customers: int) -> None:
+    """Child-process entry point: create the catalogue, customers and an API key through
+    the project's services, and print the key as the last line."""
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    from django.utils import timezone as dj_timezone
+
+    from billing.services.api_keys import api_key_create
+    from billing.services.customers import customer_create
+    from plans.services import feature_create, plan_create
+
+    feature_create(code=FEATURE, name="API call", unit="call")
+    plan_create(code=PLAN, name="Pro", included_credits=INCLUDED_CREDITS, overage_enabled=True,
+                overage_unit_price=OVERAGE_UNIT_PRICE, feature_costs={FEATURE: Decimal("1")})
+    now = dj_timezone.now()
+    for index in range(customers):
+        customer_create(external_id=customer_id(index), name=f"Bench customer {index}",
+                        email=f"bench{index}@example.com", plan_code=PLAN, now=now)
+    _, key = api_key_create(name="bench")
+    print(key)
+
+
+def customer_id(index: int) -> str:
+    return f"bench-cust-{index:04d}"
+
+
+# --- Helpers ---------------------------------------------------------------------------
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - a missing git must not fail the benchmark
+        return None
+
+
+def app_env(secret_key: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("CELERY_BROKER_URL", "REDIS_URL", "STRIPE_SECRET_KEY", "STRIPE_API_BASE"):
+        env.pop(name, None)  # embedded mode for everything but the database
+    env.update({
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": DB_URL,
+        "DB_CONN_MAX_AGE": "60",
+        "DEBUG": "0",
+        "SECRET_KEY": secret_key,
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def run_checked(cmd: list[str], env: dict[str, str], what: str, timeout: float) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"{what} failed with exit status {proc.returncode}")
+    return proc.stdout
+
+
+# --- Database --------------------------------------------------------------------------
+
+def recreate_database() -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {DB_NAME}")
+
+
+def drop_database() -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+
+
+def count_rows(sql: str) -> int:
+    import psycopg
+
+    with psycopg.connect(DB_URL) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+# --- Server-side CPU (where did the time go?) ---------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _machine_busy_ticks() -> int:
+    """All CPUs' non-idle time (user, nice, system, irq, softirq, steal) from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def cpu_snapshot(server: "Server") -> dict[str, dict[int, int]]:
+    """CPU ticks of the gunicorn workers and of the PostgreSQL backends serving
+    overage_bench (read from /proc; empty when PostgreSQL runs elsewhere)."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        pg_pids = [row[0] for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid()", (DB_NAME,))]
+    snap: dict[str, dict[int, int]] = {"app": {}, "db": {}, "machine": {0: _machine_busy_ticks()}}
+    for kind, pids in (("app", _children(server.proc.pid)), ("db", pg_pids)):
+        for pid in pids:
+            ticks = _cpu_ticks(pid)
+            if ticks is not None:
+                snap[kind][pid] = ticks
+    return snap
+
+
+def cpu_used(before: dict, after: dict, seconds: float) -> dict[str, float | None]:
+    """Cores busy on average during the phase: app (gunicorn workers), db (backends),
+    machine (every process, this client and other people's work included)."""
+    out = {}
+    for kind in ("app", "db", "machine"):
+        if not after[kind]:
+            out[f"{kind}_cpu_cores"] = None
+            continue
+        ticks = sum(t - before[kind].get(pid, 0) for pid, t in after[kind].items())
+        out[f"{kind}_cpu_cores"] = round(ticks / CLK_TCK / seconds, 2) if seconds else None
+    return out
+
+
+# --- gunicorn ---------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, env: dict[str, str], workers: int):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="overage-bench-gunicorn-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "config.wsgi", "--workers", str(workers),
+             "--bind", f"127.0.0.1:{self.port}"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, api_key: str, timeout: float = 30.0) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with status {self.proc.returncode}:\n{self.tail()}")
+            try:
+                response = requests.get(f"{self.base}/api/v1/features", timeout=2,
+                                        headers={"Authorization": f"Bearer {api_key}"})
+                if response.status_code == 200:
+                    return
+                raise RuntimeError(f"GET /api/v1/features answered {response.status_code}: {response.text[:500]}")
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise RuntimeError(f"gunicorn did not answer within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        try:
+            return Path(self.log.name).read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM the master (it stops its workers), SIGKILL our own session if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the session started for this process
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+# --- Load generator ----------------------------------------------------------------------
+
+class Phase:
+    """Results of one bounded closed-loop phase."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.latencies: list[float] = []  # seconds, successful requests
+        self.failed_latencies: list[float] = []  # seconds, answered but not as expected
+        self.statuses: dict[int, int] = {}
+        self.ok = 0
+        self.failures = 0
+        self.failure_samples: list[str] = []
+        self.items = 0  # events (or checks) accepted
+        self.rejected = 0  # events recorded with status "rejected"
+        self.elapsed = 0.0
+        self.client_cpu = 0.0
+        self.server_cpu: dict[str, float | None] = {}
+
+    def fail(self, message: str) -> None:
+        self.failures += 1
+        if len(self.failure_samples) < 5:
+            self.failure_samples.append(message[:500])
+
+    def summary(self) -> dict:
+        return {
+            "requests_ok": self.ok, "requests_failed": self.failures, "http_statuses": self.statuses,
+            "items": self.items,
+            "rejected_events": self.rejected, "elapsed_s": round(self.elapsed, 3),
+            "requests_per_s": round(self.ok / self.elapsed, 1) if self.elapsed else None,
+            "items_per_s": round(self.items / self.elapsed, 1) if self.elapsed else None,
+            "latency_p50_ms": _ms(percentile(self.latencies, 50)),
+            "latency_p99_ms": _ms(percentile(self.latencies, 99)),
+            "latency_max_ms": _ms(max(self.latencies) if self.latencies else None),
+            "client_cpu_cores": round(self.client_cpu / self.elapsed, 2) if self.elapsed else None,
+            **self.server_cpu,
+            "failure_samples": self.failure_samples,
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+async def closed_loop(name: str, *, base: str, api_key: str, path: str, concurrency: int, seconds: float,
+                      max_requests: int, timeout: float, make_body, check) -> Phase:
+    """`concurrency` clients each send one request, wait for the answer, repeat, until
+    `seconds` have passed or `max_requests` have been sent (whichever comes first).
+    `check(status, body) -> (items, rejected, error_or_None)`."""
+    import aiohttp
+
+    phase = Phase(name)
+    url = base + path
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    counter = iter(range(max_requests))
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        deadline = start + seconds
+
+        async def client(worker: int) -> None:
+            while time.perf_counter() < deadline:
+                seq = next(counter, None)
+                if seq is None:
+                    return
+                body = json.dumps(make_body(worker, seq)).encode()
+                sent = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        raw = await response.read()
+                        status = response.status
+                    latency = time.perf_counter() - sent
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    phase.fail(f"{type(error).__name__}: {error}")
+                    continue
+                try:
+                    payload = json.loads(raw)
+                except ValueError:
+                    payload = None
+                phase.statuses[status] = phase.statuses.get(status, 0) + 1
+                items, rejected, error = check(status, payload)
+                if error is not None:
+                    phase.failed_latencies.append(latency)
+                    phase.fail(f"HTTP {status}: {error} {raw[:300]!r}")
+                    continue
+                phase.ok += 1
+                phase.items += items
+                phase.rejected += rejected
+                phase.latencies.append(latency)
+
+        await asyncio.gather(*(client(worker) for worker in range(concurrency)))
+        phase.elapsed = time.perf_counter() - start
+        phase.client_cpu = time.process_time() - cpu_start
+    return phase
+
+
+def event(run: str, kind: str, worker: int, seq: int, index: int, customers: int) -> dict:
+    return {
+        "id": f"{run}-{kind}-{worker}-{seq}-{index}",
+        "customer": customer_id((seq * 7919 + index + worker) % customers),
+        "feature": FEATURE,
+        "quantity": "1",
+        "properties": PROPERTIES,
+    }
+
+
+def check_batch(size: int):
+    def check(status: int, payload):
+        if status != 200 or not isinstance(payload, dict):
+            return 0, 0, "expected 200"
+        counts = payload.get("counts") or {}
+        if counts.get("created") != size:
+            return 0, 0, f"counts={counts}, expected created={size}"
+        rejected = sum(1 for r in payload["results"] if (r.get("event") or {}).get("status") == "rejected")
+        return size, rejected, None
+    return check
+
+
+def check_single(status: int, payload):
+    if status != 201 or not isinstance(payload, dict):
+        return 0, 0, "expected 201"
+    return 1, int(payload.get("status") == "rejected"), None
+
+
+def check_entitlement(status: int, payload):
+    if status != 200 or not isinstance(payload, dict):
+        return 0, 0, "expected 200"
+    if payload.get("allowed") is not True:
+        return 0, 0, f"not allowed: reason={payload.get('reason')}"
+    return 1, 0, None
+
+
+# --- Raw limits ---------------------------------------------------------------------------
+
+def copy_limit(rows: int, customers: int, run: str) -> dict:
+    """COPY `rows` event-shaped rows into a regular (logged) table carrying the same
+    per-customer unique index on the event id that usage events have. Times the COPY
+    and its commit; the rows are generated beforehand."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    now = datetime.now(timezone.utc)
+    data = [(1 + (i % customers), f"{run}-raw-{i}", 1, Decimal("1"), now, Jsonb(PROPERTIES)) for i in range(rows)]
+    with psycopg.connect(DB_URL) as conn:
+        conn.execute("""
+            CREATE TABLE bench_raw_events (
+                customer_id bigint NOT NULL, event_id text NOT NULL, feature_id bigint NOT NULL,
+                quantity numeric NOT NULL, ts timestamptz NOT NULL, properties jsonb NOT NULL
+            )""")
+        conn.execute("CREATE UNIQUE INDEX bench_raw_events_uniq ON bench_raw_events (customer_id, event_id)")
+        conn.commit()
+        with conn.cursor() as cur:
+            start = time.perf_counter()
+            with cur.copy("COPY bench_raw_events (customer_id, event_id, feature_id, quantity, ts, properties) "
+                          "FROM STDIN") as copy:
+                for row in data:
+                    copy.write_row(row)
+            conn.commit()
+            elapsed = time.perf_counter() - start
+        copied = conn.execute("SELECT count(*) FROM bench_raw_events").fetchone()[0]
+    if copied != rows:
+        raise RuntimeError(f"COPY stored {copied} rows, expected {rows}")
+    return {"rows": rows, "elapsed_s": round(elapsed, 4), "rows_per_s": round(rows / elapsed, 1)}
+
+
+def commit_limit(seconds: float, max_tx: int, customers: int, run: str) -> dict:
+    """One row per transaction (INSERT + COMMIT) on one connection: the rate a path that
+    commits every event on its own could reach if the application cost nothing."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    now = datetime.now(timezone.utc)
+    done = 0
+    with psycopg.connect(DB_URL) as conn:
+        start = time.perf_counter()
+        deadline = start + seconds
+        while done < max_tx and time.perf_counter() < deadline:
+            conn.execute("INSERT INTO bench_raw_events VALUES (%s, %s, %s, %s, %s, %s)",
+                         (1 + done % customers, f"{run}-tx-{done}", 1, Decimal("1"), now, Jsonb(PROPERTIES)))
+            conn.commit()
+            done += 1
+        elapsed = time.perf_counter() - start
+    return {"transactions": done, "elapsed_s": round(elapsed, 3), "tx_per_s": round(done / elapsed, 1)}
+
+
+def redis_limit(calls: int) -> dict:
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=5)
+    key = f"overage-bench:{uuid.uuid4().hex}"
+    client.set(key, "12345.678900", ex=60)
+    try:
+        for _ in range(100):  # warm the connection
+            client.get(key)
+        latencies = []
+        start = time.perf_counter()
+        for _ in range(calls):
+            sent = time.perf_counter()
+            client.get(key)
+            latencies.append(time.perf_counter() - sent)
+        elapsed = time.perf_counter() - start
+    finally:
+        client.delete(key)
+        client.close()
+    return {"calls": calls, "ops_per_s": round(calls / elapsed, 1),
+            "latency_p50_ms": _ms(percentile(latencies, 50)), "latency_p99_ms": _ms(percentile(latencies, 99))}
+
+
+# --- Report -------------------------------------------------------------------------------
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:,}"
+
+
+def print_table(rows: list[tuple[str, object, str, str]]) -> None:
+    widths = [max(len(str(r[0])) for r in rows), max(len(fmt(r[1])) for r in rows),
+              max(len(r[2]) for r in rows), max(len(r[3]) for r in rows)]
+    header = ("metric", "value", "unit", "ratio to raw limit")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    line = "  ".join(["{:<%d}" % widths[0], "{:>%d}" % widths[1], "{:<%d}" % widths[2], "{:<%d}" % widths[3]])
+    print(line.format(*header))
+    print(line.format(*("-" * w for w in widths)))
+    for metric, value, unit, ratio in rows:
+        print(line.format(metric, fmt(value), unit, ratio))
+
+
+def ratio(numerator, denominator, limit: str) -> str:
+    if not numerator or not denominator:
+        return ""
+    share = numerator / denominator
+    return f"{share:.2%} of {limit} (1/{denominator / numerator:,.0f})"
+
+
+# --- Main ---------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="events per batch request (the API allows 1 000; see README for why 100)")
+    parser.add_argument("--batch-clients", type=int, default=2)
+    parser.add_argument("--batch-seconds", type=float, default=15)
+    parser.add_argument("--batch-max-requests", type=int, default=200)
+    parser.add_argument("--full-batch-probe", type=int, default=1000, metavar="EVENTS",
+                        help="after the batch phase, send ONE batch of this many events and report its "
+                             "status and latency (informational; 0 to skip)")
+    parser.add_argument("--single-clients", type=int, default=8)
+    parser.add_argument("--single-seconds", type=float, default=10)
+    parser.add_argument("--check-clients", type=int, default=8)
+    parser.add_argument("--check-seconds", type=float, default=10)
+    parser.add_argument("--max-requests", type=int, default=100_000, help="cap per single/check phase")
+    parser.add_argument("--redis-calls", type=int, default=5000)
+    parser.add_argument("--commit-seconds", type=float, default=2, help="duration of the 1-row-tx limit")
+    parser.add_argument("--drop-db", action="store_true", help="drop overage_bench at the end")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--setup", type=int, metavar="N", help=argparse.SUPPRESS)  # child-process mode
+    args = parser.parse_args()
+
+    if args.setup is not None:
+        setup_catalogue(args.setup)
+        return 0
+
+    started_at = datetime.now(timezone.utc)
+    load_at_start = os.getloadavg()
+    t0 = time.perf_counter()
+    run = uuid.uuid4().hex[:8]
+    env = app_env(secrets.token_urlsafe(40))
+    failures: list[str] = []
+    notes: list[str] = []
+
+    log(f"recreating database {DB_NAME}")
+    recreate_database()
+    log("migrating")
+    run_checked([PYTHON, "manage.py", "migrate", "--noinput"], env, "migrate", timeout=180)
+    log(f"creating feature, plan, {args.customers} customers and an API key")
+    api_key = run_checked([PYTHON, str(Path(__file__).resolve()), "--setup", str(args.customers)], env,
+                          "setup", timeout=120).strip().splitlines()[-1]
+    setup_s = time.perf_counter() - t0
+
+    log(f"starting gunicorn with {args.workers} workers")
+    server = Server(env, args.workers)
+    phases: dict[str, Phase] = {}
+    probe: dict = {}
+    gunicorn_log = ""
+    try:
+        server.wait_ready(api_key)
+        log(f"gunicorn answers on {server.base}")
+
+        async def phase(name: str, **kwargs) -> Phase:
+            before = cpu_snapshot(server)
+            result = await closed_loop(name, base=server.base, api_key=api_key, **kwargs)
+            result.server_cpu = cpu_used(before, cpu_snapshot(server), result.elapsed)
+            return result
+
+        async def measure() -> None:
+            # Warm-up (not measured): every worker opens its database connection and
+            # imports its code paths.
+            await phase("warmup", path="/api/v1/events", concurrency=4, seconds=5, max_requests=40, timeout=30,
+                        make_body=lambda w, s: event(run, "warm", w, s, 0, args.customers), check=check_single)
+            await phase("warmup", path="/api/v1/entitlements/check", concurrency=4, seconds=5, max_requests=40,
+                        timeout=30, make_body=lambda w, s: {"customer": customer_id(s % args.customers),
+                                                            "feature": FEATURE, "quantity": "1"},
+                        check=check_entitlement)
+
+            log(f"batch ingestion: {args.batch_clients} clients x {args.batch_size} events/request, "
+                f"{args.batch_seconds:.0f} s")
+            phases["batch"] = await phase(
+                "batch", path="/api/v1/events/batch", concurrency=args.batch_clients, seconds=args.batch_seconds,
+                max_requests=args.batch_max_requests, timeout=120,
+                make_body=lambda w, s: {"events": [event(run, "b", w, s, i, args.customers)
+                                                   for i in range(args.batch_size)]},
+                check=check_batch(args.batch_size))
+            log(f"single-event ingestion: {args.single_clients} clients, {args.single_seconds:.0f} s")
+            phases["single"] = await phase(
+                "single", path="/api/v1/events", concurrency=args.single_clients, seconds=args.single_seconds,
+                max_requests=args.max_requests, timeout=30,
+                make_body=lambda w, s: event(run, "s", w, s, 0, args.customers), check=check_single)
+            log(f"entitlement check: {args.check_clients} clients, {args.check_seconds:.0f} s")
+            phases["check"] = await phase(
+                "check", path="/api/v1/entitlements/check", concurrency=args.check_clients,
+                seconds=args.check_seconds, max_requests=args.max_requests, timeout=30,
+                make_body=lambda w, s: {"customer": customer_id((s * 31 + w) % args.customers),
+                                        "feature": FEATURE, "quantity": "1"},
+                check=check_entitlement)
+            # Last, because a request killed by gunicorn's worker timeout restarts a worker.
+            if args.full_batch_probe:
+                size = args.full_batch_probe
+                log(f"full-size batch probe: one request of {size} events")
+                full = await phase(
+                    "full", path="/api/v1/events/batch", concurrency=1, seconds=1, max_requests=1, timeout=90,
+                    make_body=lambda w, s: {"events": [event(run, "full", w, s, i, args.customers)
+                                                       for i in range(size)]},
+                    check=check_batch(size))
+                answered = full.latencies + full.failed_latencies
+                probe.update({"events": size, "ok": full.ok == 1, "http_statuses": full.statuses,
+                              "latency_s": round(answered[0], 2) if answered else None,
+                              "error": (full.failure_samples or [None])[0], **full.server_cpu})
+                phases["_full"] = full
+
+        asyncio.run(measure())
+    finally:
+        log("stopping gunicorn")
+        server.stop()
+        if server.proc.returncode not in (0, -signal.SIGTERM):
+            failures.append(f"gunicorn exited with status {server.proc.returncode}")
+        gunicorn_log = server.tail(20000)
+        Path(server.log.name).unlink(missing_ok=True)
+
+    worker_timeouts = gunicorn_log.count("WORKER TIMEOUT")
+    batch, single, check = phases["batch"], phases["single"], phases["check"]
+    for name, result in (("batch", batch), ("single", single), ("check", check)):
+        if result.failures:
+            failures.append(f"{name}: {result.failures} failed requests, e.g. {result.failure_samples[:2]}")
+        if result.ok == 0:
+            failures.append(f"{name}: no successful request")
+    if probe and not probe["ok"]:
+        notes.append(f"the {probe['events']}-event batch did not succeed: {probe['error']}")
+    if worker_timeouts:
+        notes.append(f"gunicorn logged {worker_timeouts} WORKER TIMEOUT(s) (default --timeout 30 s)")
+
+    copy_rows = max(batch.items, 1000)
+    log(f"raw limit: COPY {copy_rows} rows")
+    copy = copy_limit(copy_rows, args.customers, run)
+    log(f"raw limit: 1-row INSERT+COMMIT transactions for {args.commit_seconds:.0f} s")
+    commit = commit_limit(args.commit_seconds, 20_000, args.customers, run)
+    log(f"raw limit: {args.redis_calls} Redis GETs")
+    redis_result = redis_limit(args.redis_calls)
+
+    stored = count_rows("SELECT count(*) FROM billing_usageevent")
+    accounted = batch.items + single.items + (probe.get("events", 0) if probe.get("ok") else 0)
+    if not accounted <= stored <= accounted + 40 + (0 if probe.get("ok") else probe.get("events", 0)):
+        failures.append(f"database holds {stored} usage events, the API confirmed {accounted} "
+                        f"(+ up to 40 warm-up events)")
+
+    if args.drop_db:
+        drop_database()
+
+    batch_eps = batch.items / batch.elapsed if batch.elapsed else None
+    single_rps = single.ok / single.elapsed if single.elapsed else None
+    check_rps = check.ok / check.elapsed if check.elapsed else None
+    b, sgl, chk = batch.summary(), single.summary(), check.summary()
+    for name, summary in (("batch", b), ("single", sgl), ("check", chk)):
+        parts = [summary.get(k) for k in ("app_cpu_cores", "db_cpu_cores", "client_cpu_cores", "machine_cpu_cores")]
+        summary["other_cpu_cores"] = None if None in parts else round(max(0.0, parts[3] - sum(parts[:3])), 2)
+        if (summary["other_cpu_cores"] or 0) > 0.25:
+            notes.append(f"other processes kept {summary['other_cpu_cores']} cores busy during the {name} phase: "
+                         f"its figures are lower than on a quiet machine")
+
+    def cores(summary: dict) -> str:
+        return "/".join(fmt(summary.get(k)) for k in ("app_cpu_cores", "db_cpu_cores", "client_cpu_cores",
+                                                      "other_cpu_cores"))
+
+    probe_value = probe.get("latency_s")
+    if not probe:
+        probe_text = ""
+    elif probe["ok"]:
+        probe_text = f"(info) 200, created={probe['events']}"
+    else:
+        got = ", ".join(f"HTTP {code}" for code in probe["http_statuses"]) or (probe["error"] or "")[:40]
+        probe_text = f"(info) FAILED: {got}"
+    rows = [
+        ("batch ingestion: events/s (end to end)", batch_eps, "events/s", ratio(batch_eps, copy["rows_per_s"],
+                                                                                   "COPY")),
+        (f"batch ingestion: request p50 ({args.batch_size} events)", b["latency_p50_ms"], "ms", ""),
+        (f"batch ingestion: request p99 ({args.batch_size} events)", b["latency_p99_ms"], "ms", ""),
+        (f"batch ingestion: requests (all 200, created={args.batch_size})", batch.ok, "requests", ""),
+    ]
+    if probe:
+        rows.append((f"batch of {probe['events']} events: one request", probe_value, "s", probe_text))
+    rows += [
+        ("single event: requests/s", single_rps, "req/s", ratio(single_rps, commit["tx_per_s"], "1-row tx")),
+        ("single event: p50", sgl["latency_p50_ms"], "ms", ""),
+        ("single event: p99", sgl["latency_p99_ms"], "ms", ""),
+        ("entitlement check: requests/s", check_rps, "req/s", ""),
+        ("entitlement check: p50", chk["latency_p50_ms"], "ms", ""),
+        ("entitlement check: p99", chk["latency_p99_ms"], "ms", ""),
+        (f"raw: PostgreSQL COPY ({copy['rows']} rows)", copy["rows_per_s"], "rows/s", "the batch limit"),
+        ("raw: PostgreSQL 1-row INSERT+COMMIT", commit["tx_per_s"], "tx/s", "the single-event limit"),
+        ("raw: Redis GET p50", redis_result["latency_p50_ms"], "ms", ""),
+        ("raw: Redis GET p99", redis_result["latency_p99_ms"], "ms", ""),
+    ]
+    finished_at = datetime.now(timezone.utc)
+    commit_id = git("rev-parse", "--short", "HEAD")
+    print()
+    print(f"Overage ingestion benchmark - commit {commit_id}, {os.cpu_count()} cores, "
+          f"gunicorn {args.workers} sync workers, {args.customers} customers, "
+          f"load average at start {load_at_start[0]:.2f}")
+    print_table(rows)
+    print()
+    print(f"batch: {args.batch_clients} clients, {batch.elapsed:.1f} s, {batch.items} events; "
+          f"single: {args.single_clients} clients, {single.elapsed:.1f} s; "
+          f"check: {args.check_clients} clients, {check.elapsed:.1f} s; "
+          f"total run {time.perf_counter() - t0:.0f} s")
+    print(f"CPU busy, in cores of {os.cpu_count()} (gunicorn workers / PostgreSQL backends / this client / "
+          f"everything else on the machine): "
+          f"batch {cores(b)}; single {cores(sgl)}; check {cores(chk)}")
+    for note in notes:
+        print(f"note: {note}")
+
+    report = {
+        "benchmark": "ingest",
+        "git_commit": commit_id,
+        "git_worktree_dirty": bool(git("status", "--porcelain")),
+        "started_at": started_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+        "duration_s": round(time.perf_counter() - t0, 1),
+        "setup_s": round(setup_s, 1),
+        "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start],
+                    "platform": platform.platform(), "python": platform.python_version()},
+        "config": {
+            "customers": args.customers, "gunicorn_workers": args.workers, "gunicorn_worker_class": "sync",
+            "gunicorn_timeout_s": 30, "batch_size": args.batch_size, "batch_clients": args.batch_clients,
+            "batch_seconds": args.batch_seconds, "full_batch_probe_events": args.full_batch_probe,
+            "single_clients": args.single_clients, "single_seconds": args.single_seconds,
+            "check_clients": args.check_clients, "check_seconds": args.check_seconds,
+            "plan": {"included_credits": str(INCLUDED_CREDITS), "overage_unit_price": str(OVERAGE_UNIT_PRICE)},
+            "database": f"postgresql {DB_NAME}, DB_CONN_MAX_AGE=60", "debug": False,
+        },
+        "results": {
+            "batch_events_per_s": round(batch_eps, 1) if batch_eps else None,
+            "batch_request_p50_ms": b["latency_p50_ms"],
+            "batch_request_p99_ms": b["latency_p99_ms"],
+            "full_batch_probe": probe or None,
+            "single_requests_per_s": round(single_rps, 1) if single_rps else None,
+            "single_p50_ms": sgl["latency_p50_ms"],
+            "single_p99_ms": sgl["latency_p99_ms"],
+            "check_requests_per_s": round(check_rps, 1) if check_rps else None,
+            "check_p50_ms": chk["latency_p50_ms"],
+            "check_p99_ms": chk["latency_p99_ms"],
+            "copy_rows_per_s": copy["rows_per_s"],
+            "single_row_commit_tx_per_s": commit["tx_per_s"],
+            "redis_get_p50_ms": redis_result["latency_p50_ms"],
+            "redis_get_p99_ms": redis_result["latency_p99_ms"],
+            "batch_to_copy_ratio": round(batch_eps / copy["rows_per_s"], 5) if batch_eps else None,
+            "single_to_commit_ratio": round(single_rps / commit["tx_per_s"], 5) if single_rps else None,
+        },
+        "phases": {"batch": b, "single": sgl, "check": chk},
+        "raw": {"copy": copy, "single_row_commit": commit, "redis_get": redis_result},
+        "usage_events_stored": stored,
+        "gunicorn_worker_timeouts": worker_timeouts,
+        "notes": notes,
+        "failures": failures,
+        "ok": not failures,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    shown = args.output.relative_to(ROOT) if args.output.resolve().is_relative_to(ROOT) else args.output
+    print(f"wrote {shown}", flush=True)
+    if failures:
+        if gunicorn_log:
+            sys.stderr.write("--- gunicorn log (tail) ---\n" + gunicorn_log[-3000:] + "\n")
+        print("FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
