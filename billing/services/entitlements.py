@@ -11,7 +11,7 @@ from django.db import transaction
 from billing.errors import BillingError, Conflict, NotFound
 from billing.models import Customer, Reservation, ReservationHold
 from billing.services.customers import current_period, live_subscription
-from billing.services.ledger import Reason, plan_charge
+from billing.services.ledger import CustomerLedger, Reason
 from billing.services.locks import lock_customer
 from billing.services.metering import credits_for
 from plans.models import Feature
@@ -49,14 +49,14 @@ def check_entitlement(*, customer_external_id: str, feature_code: str, quantity:
         return _denied(Reason.NO_SUBSCRIPTION)
     credits = credits_for(period.plan, feature, quantity)
     if not reserve:
-        return _decision(plan_charge(customer=customer, subscription=subscription, period=period, feature=feature,
-                                     credits=credits, at=now, now=now))
+        ledger = CustomerLedger(customer, subscription, now=now)
+        return _decision(ledger.plan_charge(period=period, feature=feature, credits=credits, at=now))
     ttl = reservation_ttl_seconds or settings.OVERAGE_RESERVATION_TTL_SECONDS
     with transaction.atomic():
         lock_customer(customer.pk)
         period.refresh_from_db()
-        charge = plan_charge(customer=customer, subscription=subscription, period=period, feature=feature,
-                             credits=credits, at=now, now=now)
+        ledger = CustomerLedger(customer, subscription, now=now)
+        charge = ledger.plan_charge(period=period, feature=feature, credits=credits, at=now)
         reservation = None
         if charge.allowed:
             reservation = Reservation.objects.create(

@@ -1,8 +1,7 @@
-"""The only code that writes ledger entries.
+"""The only code that writes ledger entries: granting, charging usage, expiring.
 
-Consumption order, holds and overage are decided in `plan_charge` (a read, under the
-customer's lock) and written by `apply_charge`, so the entitlement check and the event
-that follows it take exactly the same decision.
+Consumption order, holds and overage are decided by `CustomerLedger.plan_charge`, so
+the entitlement check, a single event and a batch take exactly the same decision.
 """
 
 from dataclasses import dataclass, field
@@ -11,16 +10,16 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, Sum
+from django.db.models import F
 
 from billing.errors import BillingError, Conflict
 from billing.models import (
-    BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, ReservationHold, Subscription,
-    UsageEvent,
+    BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, Subscription,
+    UsageEvent, UsageRollup,
 )
 from billing.services.locks import lock_customer
 from plans.models import Feature, Plan
-from plans.money import ZERO, credits_total
+from plans.money import ZERO
 from plans.pricing import price_overage
 
 
@@ -108,7 +107,7 @@ def grant_terms(*, credits: Decimal, source: str, expires_at: datetime | None, f
     }
 
 
-# --- Deciding a charge ------------------------------------------------------------------
+# --- Charging usage ---------------------------------------------------------------------
 
 @dataclass
 class Draw:
@@ -118,7 +117,7 @@ class Draw:
 
 @dataclass
 class ChargePlan:
-    """What charging `credits` for `feature` at `at` would do, decided under lock."""
+    """What charging `credits` for a feature at an instant would do."""
 
     period: BillingPeriod
     plan: Plan
@@ -134,24 +133,9 @@ class ChargePlan:
     estimated_overage_amount: Decimal = ZERO
 
 
-def usable_grants(customer: Customer, feature: Feature, at: datetime):
-    """Grants that can pay for usage of `feature` stamped `at`, in consumption order:
-    soonest expiry first, then priority (included/promotional before purchased), then
-    oldest."""
-    return (
-        CreditGrant.objects.filter(customer=customer, remaining__gt=0, effective_at__lte=at)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=at))
-        .filter(Q(features__isnull=True) | Q(features=feature))
-        .distinct()
-        .order_by(F("expires_at").asc(nulls_last=True), "priority", "created_at", "id")
-    )
-
-
-def active_reservations(customer: Customer, now: datetime, *, exclude: Reservation | None = None):
-    qs = Reservation.objects.filter(customer=customer, status=Reservation.Status.ACTIVE, expires_at__gt=now)
-    if exclude is not None:
-        qs = qs.exclude(pk=exclude.pk)
-    return qs
+def active_reservations(customer: Customer, now: datetime):
+    """Reservations whose holds count right now."""
+    return Reservation.objects.filter(customer=customer, status=Reservation.Status.ACTIVE, expires_at__gt=now)
 
 
 def effective_overage_cap(plan: Plan, customer: Customer) -> Decimal | None:
@@ -159,91 +143,188 @@ def effective_overage_cap(plan: Plan, customer: Customer) -> Decimal | None:
     return plan.overage_cap
 
 
-def plan_charge(*, customer: Customer, subscription: Subscription, period: BillingPeriod, feature: Feature,
-                credits: Decimal, at: datetime, now: datetime,
-                reservation: Reservation | None = None) -> ChargePlan:
-    """Decide how `credits` would be paid: from which grants, how much overage, or why
-    not. Reads only; call under the customer's lock when the result will be written.
+class CustomerLedger:
+    """One customer's credit position, loaded once, and the charges decided and written
+    against it.
 
-    Credits held by other active reservations are not available here, so a reserved
-    request can always settle what it reserved.
+    Every way of using credits goes through here: a single event, a batch (one load and
+    one flush for all of a customer's events), and the entitlement check (decide only).
+    Decisions are taken in memory in the order charges are made, each seeing the ones
+    before it, and written by `flush()` in a handful of bulk statements. Whoever
+    decides and writes must hold the customer's lock from load to flush.
+
+    Consumption order: soonest expiry first, then priority (included and promotional
+    before purchased), then oldest. Credits held by other active reservations are not
+    available, so a reserved request can always settle what it reserved.
     """
-    plan = period.plan
-    others = active_reservations(customer, now, exclude=reservation)
-    held_by_grant = {
-        grant: credits_total(total)
-        for grant, total in ReservationHold.objects.filter(reservation__in=others).values_list("grant_id")
-        .annotate(Sum("credits"))
-    }
-    held_overage = credits_total(others.filter(period=period).aggregate(total=Sum("overage_credits"))["total"])
 
-    draws, need, available = [], credits, ZERO
-    for grant in usable_grants(customer, feature, at):
-        free = grant.remaining - held_by_grant.get(grant.pk, ZERO)
-        if free <= ZERO:
-            continue
-        available += free
-        take = min(free, need)
-        if take > ZERO:
-            draws.append(Draw(grant, take))
-            need -= take
+    def __init__(self, customer: Customer, subscription: Subscription | None, *, now: datetime):
+        self.customer, self.subscription, self.now = customer, subscription, now
+        self._grants = list(
+            CreditGrant.objects.filter(customer=customer, remaining__gt=0)
+            .order_by(F("expires_at").asc(nulls_last=True), "priority", "created_at", "id")
+        )
+        self._scopes: dict[int, set[int]] = {}
+        for grant_id, feature_id in CreditGrant.features.through.objects.filter(
+            creditgrant__in=[g.pk for g in self._grants]
+        ).values_list("creditgrant_id", "feature_id"):
+            self._scopes.setdefault(grant_id, set()).add(feature_id)
+        # Active holds: reservation → ({grant: credits}, overage credits, period id).
+        self._holds: dict = {}
+        for reservation in active_reservations(customer, now).prefetch_related("holds"):
+            self._holds[reservation.pk] = (
+                {h.grant_id: h.credits for h in reservation.holds.all()},
+                reservation.overage_credits, reservation.period_id,
+            )
+        self._entries: list[LedgerEntry] = []
+        self._events: list[UsageEvent] = []
+        self._periods: dict[int, BillingPeriod] = {}
+        self._dirty_grants: dict[int, CreditGrant] = {}
+        self._settled: list = []
+        self._rollups: dict[tuple, list] = {}
 
-    committed_overage = period.overage_credits + held_overage
-    result = ChargePlan(period=period, plan=plan, credits=credits, allowed=True, reason=Reason.OK,
-                        draws=draws, overage_credits=need, available_credits=available)
+    # -- deciding --
 
-    def estimate(overage: Decimal) -> Decimal:
-        return price_overage(plan, overage).amount
+    def _held(self, exclude) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
+        by_grant: dict[int, Decimal] = {}
+        overage_by_period: dict[int, Decimal] = {}
+        for reservation_id, (grants, overage, period_id) in self._holds.items():
+            if reservation_id == exclude:
+                continue
+            for grant_id, credits in grants.items():
+                by_grant[grant_id] = by_grant.get(grant_id, ZERO) + credits
+            overage_by_period[period_id] = overage_by_period.get(period_id, ZERO) + overage
+        return by_grant, overage_by_period
 
-    if subscription.status == Subscription.Status.PAUSED:
-        return _refused(result, Reason.PAUSED, estimate(committed_overage))
-    if need > ZERO:
-        if not plan.overage_enabled and plan.hard_limit_behaviour == Plan.HardLimit.BLOCK:
-            return _refused(result, Reason.INSUFFICIENT_CREDITS, estimate(committed_overage))
-        amount_after = estimate(committed_overage + need)
-        cap = effective_overage_cap(plan, customer)
-        if plan.overage_enabled and cap is not None and amount_after > cap:
-            return _refused(result, Reason.SPEND_CAP_REACHED, estimate(committed_overage))
-        result.reason = Reason.OVERAGE
-        result.estimated_overage_amount = amount_after
-    else:
-        result.estimated_overage_amount = estimate(committed_overage)
-    return result
+    def _usable(self, grant: CreditGrant, feature: Feature, at: datetime) -> bool:
+        scope = self._scopes.get(grant.pk)
+        return (grant.remaining > ZERO and grant.effective_at <= at
+                and (grant.expires_at is None or grant.expires_at > at)
+                and (scope is None or feature.pk in scope))
 
+    def plan_charge(self, *, period: BillingPeriod, feature: Feature, credits: Decimal, at: datetime,
+                    reservation_id=None) -> ChargePlan:
+        """Decide how `credits` would be paid: from which grants, how much overage, or
+        why not. `reservation_id` is the caller's own active reservation, whose holds
+        are available to it."""
+        period = self._periods.setdefault(period.pk, period)
+        plan = period.plan
+        held_by_grant, held_overage = self._held(reservation_id)
+        draws, need, available = [], credits, ZERO
+        for grant in self._grants:
+            if not self._usable(grant, feature, at):
+                continue
+            free = grant.remaining - held_by_grant.get(grant.pk, ZERO)
+            if free <= ZERO:
+                continue
+            available += free
+            take = min(free, need)
+            if take > ZERO:
+                draws.append(Draw(grant, take))
+                need -= take
 
-def _refused(result: ChargePlan, reason: str, estimate: Decimal) -> ChargePlan:
-    result.allowed = False
-    result.reason = reason
-    result.draws = []
-    result.estimated_overage_amount = estimate
-    return result
+        committed_overage = period.overage_credits + held_overage.get(period.pk, ZERO)
+        result = ChargePlan(period=period, plan=plan, credits=credits, allowed=True, reason=Reason.OK,
+                            draws=draws, overage_credits=need, available_credits=available)
 
+        def estimate(overage: Decimal) -> Decimal:
+            return price_overage(plan, overage).amount
 
-def apply_charge(charge: ChargePlan, *, customer: Customer, event: UsageEvent) -> None:
-    """Write the consumption decided by `plan_charge`: one `consume` entry per grant
-    drawn, one `overage` entry for the rest, and the period's cached totals."""
-    assert charge.allowed
-    entries = [
-        LedgerEntry(customer=customer, kind=LedgerEntry.Kind.CONSUME, credits=-draw.credits, grant=draw.grant,
-                    period=charge.period, event=event, feature=event.feature, effective_at=event.timestamp)
-        for draw in charge.draws
-    ]
-    if charge.overage_credits > ZERO:
-        entries.append(LedgerEntry(customer=customer, kind=LedgerEntry.Kind.OVERAGE, credits=-charge.overage_credits,
-                                   period=charge.period, event=event, feature=event.feature,
-                                   effective_at=event.timestamp))
-    LedgerEntry.objects.bulk_create(entries)
-    # New balances are computed here in Decimal, not with F() in SQL: SQLite does
-    # decimal arithmetic in floating point. The customer lock makes the values read by
-    # plan_charge current.
-    for draw in charge.draws:
-        draw.grant.remaining -= draw.credits
-        CreditGrant.objects.filter(pk=draw.grant.pk).update(remaining=draw.grant.remaining)
-    period = charge.period
-    period.credits_used += charge.credits
-    period.overage_credits += charge.overage_credits
-    BillingPeriod.objects.filter(pk=period.pk).update(credits_used=period.credits_used,
-                                                      overage_credits=period.overage_credits)
+        if self.subscription is not None and self.subscription.status == Subscription.Status.PAUSED:
+            return self._refused(result, Reason.PAUSED, estimate(committed_overage))
+        if need > ZERO:
+            if not plan.overage_enabled and plan.hard_limit_behaviour == Plan.HardLimit.BLOCK:
+                return self._refused(result, Reason.INSUFFICIENT_CREDITS, estimate(committed_overage))
+            amount_after = estimate(committed_overage + need)
+            cap = effective_overage_cap(plan, self.customer)
+            if plan.overage_enabled and cap is not None and amount_after > cap:
+                return self._refused(result, Reason.SPEND_CAP_REACHED, estimate(committed_overage))
+            result.reason = Reason.OVERAGE
+            result.estimated_overage_amount = amount_after
+        else:
+            result.estimated_overage_amount = estimate(committed_overage)
+        return result
+
+    @staticmethod
+    def _refused(result: ChargePlan, reason: str, estimate: Decimal) -> ChargePlan:
+        result.allowed = False
+        result.reason = reason
+        result.draws = []
+        result.estimated_overage_amount = estimate
+        return result
+
+    # -- recording --
+
+    def record(self, event: UsageEvent, charge: ChargePlan) -> None:
+        """Queue an event (accepted or rejected as `charge` decided) and, if accepted,
+        its consumption. The in-memory position moves at once, so the next decision
+        sees it; nothing reaches the database before `flush()`."""
+        self._events.append(event)
+        if event.reservation_id and event.reservation_id in self._holds:
+            # Settling ends the hold whatever the outcome: unused held credits return.
+            del self._holds[event.reservation_id]
+            self._settled.append(event.reservation_id)
+        if not charge.allowed:
+            return
+        for draw in charge.draws:
+            self._entries.append(LedgerEntry(
+                customer=self.customer, kind=LedgerEntry.Kind.CONSUME, credits=-draw.credits, grant=draw.grant,
+                period=charge.period, event=event, feature=event.feature, effective_at=event.timestamp))
+            draw.grant.remaining -= draw.credits
+            self._dirty_grants[draw.grant.pk] = draw.grant
+        if charge.overage_credits > ZERO:
+            self._entries.append(LedgerEntry(
+                customer=self.customer, kind=LedgerEntry.Kind.OVERAGE, credits=-charge.overage_credits,
+                period=charge.period, event=event, feature=event.feature, effective_at=event.timestamp))
+        charge.period.credits_used += charge.credits
+        charge.period.overage_credits += charge.overage_credits
+        rollup = self._rollups.setdefault((charge.period.pk, event.feature_id, event.timestamp.date()),
+                                          [0, ZERO, ZERO, ZERO])
+        rollup[0] += 1
+        rollup[1] += event.quantity
+        rollup[2] += event.credits
+        rollup[3] += event.overage_credits
+
+    def flush(self) -> None:
+        """Write everything recorded since the last flush. New balances are computed
+        here in Decimal rather than with F() in SQL, because SQLite does decimal
+        arithmetic in floating point; the customer lock keeps them current."""
+        assert transaction.get_connection().in_atomic_block, "flush needs the customer's transaction"
+        UsageEvent.objects.bulk_create(self._events)
+        LedgerEntry.objects.bulk_create(self._entries)
+        CreditGrant.objects.bulk_update(list(self._dirty_grants.values()), ["remaining"])
+        for period in self._periods.values():
+            BillingPeriod.objects.filter(pk=period.pk).update(credits_used=period.credits_used,
+                                                              overage_credits=period.overage_credits)
+        if self._settled:
+            Reservation.objects.filter(pk__in=self._settled, status=Reservation.Status.ACTIVE).update(
+                status=Reservation.Status.SETTLED, ended_at=self.now)
+        self._flush_rollups()
+        self._events, self._entries, self._dirty_grants, self._settled, self._rollups = [], [], {}, [], {}
+
+    def _flush_rollups(self) -> None:
+        if not self._rollups:
+            return
+        keys = list(self._rollups)
+        existing = {
+            (r.period_id, r.feature_id, r.day): r
+            for r in UsageRollup.objects.filter(period_id__in={k[0] for k in keys}, day__in={k[2] for k in keys},
+                                                feature_id__in={k[1] for k in keys})
+        }
+        new, changed = [], []
+        for key, (events, quantity, credits, overage) in self._rollups.items():
+            rollup = existing.get(key)
+            if rollup is None:
+                new.append(UsageRollup(period_id=key[0], feature_id=key[1], day=key[2], events=events,
+                                       quantity=quantity, credits=credits, overage_credits=overage))
+            else:
+                rollup.events += events
+                rollup.quantity += quantity
+                rollup.credits += credits
+                rollup.overage_credits += overage
+                changed.append(rollup)
+        UsageRollup.objects.bulk_create(new)
+        UsageRollup.objects.bulk_update(changed, ["events", "quantity", "credits", "overage_credits"])
 
 
 # --- Expiry -----------------------------------------------------------------------------

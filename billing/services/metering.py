@@ -1,4 +1,12 @@
-"""Recording usage events: idempotent by event id, one transaction per event."""
+"""Recording usage events: idempotent by event id.
+
+A batch is grouped by customer; each customer's events are decided in order against
+one `CustomerLedger` under that customer's lock and written in one transaction, so a
+1 000-event batch costs a few dozen statements, not thousands. A single event is a
+batch of one. Every event is all or nothing: refused events write nothing, rejected
+ones are recorded with their reason and charge nothing, and a failure rolls back the
+customer's whole group (a retry is safe: ids make it idempotent).
+"""
 
 import hashlib
 import json
@@ -10,10 +18,10 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from billing.errors import BillingError, Conflict, NotFound
+from billing.models import BillingPeriod, Customer, Reservation, UsageEvent
 from billing.periods import as_utc
-from billing.models import BillingPeriod, Customer, Reservation, UsageEvent, UsageRollup
 from billing.services.customers import live_subscription, open_periods
-from billing.services.ledger import apply_charge, plan_charge
+from billing.services.ledger import CustomerLedger
 from billing.services.locks import lock_customer
 from plans.models import Feature, FeatureCost
 from plans.money import quantize_credits
@@ -44,109 +52,6 @@ class EventInput:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def credits_for(plan, feature: Feature, quantity: Decimal) -> Decimal:
-    """Credits for `quantity` units of `feature` on `plan`: the plan's feature cost if
-    it lists one, otherwise the feature's default."""
-    cost = FeatureCost.objects.filter(plan=plan, feature=feature).values_list("credits_per_unit", flat=True).first()
-    per_unit = feature.default_credits_per_unit if cost is None else cost
-    return quantize_credits(quantity * per_unit)
-
-
-def record_event(*, event: EventInput, now: datetime) -> tuple[UsageEvent, bool]:
-    """Record one usage event. Returns (event, created); a retry of an id already seen
-    with the same body returns the stored event with created=False."""
-    fingerprint = event.fingerprint()
-    try:
-        return _record_event(event, fingerprint, now)
-    except IntegrityError:
-        # Only reachable without row locks (SQLite): a concurrent twin won the insert.
-        existing = UsageEvent.objects.filter(customer__external_id=event.customer, event_id=event.event_id).first()
-        if existing is None:
-            raise
-        return _repeat(existing, fingerprint), False
-
-
-def _repeat(existing: UsageEvent, fingerprint: str) -> UsageEvent:
-    if existing.fingerprint != fingerprint:
-        raise Conflict(f"Event id {existing.event_id!r} was already used with a different body.",
-                       code="idempotency_conflict", field="id")
-    return existing
-
-
-@transaction.atomic
-def _record_event(event: EventInput, fingerprint: str, now: datetime) -> tuple[UsageEvent, bool]:
-    customer_id = Customer.objects.filter(external_id=event.customer).values_list("pk", flat=True).first()
-    if customer_id is None:
-        raise NotFound(f"No customer with external_id {event.customer!r}.", code="customer_not_found",
-                       field="customer")
-    customer = lock_customer(customer_id)
-    existing = UsageEvent.objects.filter(customer=customer, event_id=event.event_id).first()
-    if existing is not None:
-        return _repeat(existing, fingerprint), False
-
-    timestamp = as_utc(event.timestamp) if event.timestamp else now
-    if timestamp > now + timedelta(seconds=settings.OVERAGE_CLOCK_SKEW_SECONDS):
-        raise BillingError("The event's timestamp is in the future.", code="timestamp_in_future", field="timestamp")
-    feature = Feature.objects.filter(code=event.feature).first()
-    if feature is None:
-        raise BillingError(f"Unknown feature {event.feature!r}.", code="unknown_feature", field="feature")
-    subscription = live_subscription(customer)
-    if subscription is None:
-        raise BillingError("The customer has no subscription.", code="no_subscription", field="customer")
-    open_periods(subscription=subscription, until=timestamp)
-    period = (
-        BillingPeriod.objects.select_related("plan")
-        .filter(customer=customer, start__lte=timestamp, end__gt=timestamp).order_by("-start").first()
-    )
-    if period is None:
-        raise BillingError("No subscription covers the event's timestamp.", code="no_subscription", field="timestamp")
-    grace = timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
-    if period.status == BillingPeriod.Status.CLOSED or now >= period.end + grace:
-        raise BillingError("The billing period of this event's timestamp is closed.", code="period_closed",
-                           field="timestamp")
-
-    reservation = None
-    if event.reservation_id:
-        reservation = Reservation.objects.filter(pk=event.reservation_id, customer=customer).first()
-        if reservation is None:
-            raise NotFound("No such reservation for this customer.", code="reservation_not_found",
-                           field="reservation_id", status=422)
-    holding = reservation if reservation is not None and reservation.is_holding(now) else None
-
-    credits = credits_for(period.plan, feature, event.quantity)
-    charge = plan_charge(customer=customer, subscription=subscription, period=period, feature=feature,
-                         credits=credits, at=timestamp, now=now, reservation=holding)
-    usage = UsageEvent.objects.create(
-        customer=customer, event_id=event.event_id, feature=feature, quantity=event.quantity, credits=credits,
-        overage_credits=charge.overage_credits if charge.allowed else 0, timestamp=timestamp, received_at=now,
-        properties=event.properties, period=period, reservation=reservation, fingerprint=fingerprint,
-        status=UsageEvent.Status.ACCEPTED if charge.allowed else UsageEvent.Status.REJECTED,
-        reject_reason="" if charge.allowed else charge.reason,
-    )
-    if charge.allowed:
-        apply_charge(charge, customer=customer, event=usage)
-        _add_to_rollup(usage)
-    if reservation is not None and reservation.status == Reservation.Status.ACTIVE:
-        # Settling ends the hold whatever the outcome: unused held credits return.
-        Reservation.objects.filter(pk=reservation.pk).update(status=Reservation.Status.SETTLED, ended_at=now)
-    return usage, True
-
-
-def _add_to_rollup(usage: UsageEvent) -> None:
-    """Add an accepted event to its day's rollup. The customer lock makes the
-    read-then-write safe; sums are taken in Decimal (SQLite's SQL arithmetic is float)."""
-    key = {"period_id": usage.period_id, "feature_id": usage.feature_id, "day": usage.timestamp.date()}
-    rollup = UsageRollup.objects.filter(**key).first()
-    if rollup is None:
-        UsageRollup.objects.create(**key, events=1, quantity=usage.quantity, credits=usage.credits,
-                                   overage_credits=usage.overage_credits)
-        return
-    UsageRollup.objects.filter(pk=rollup.pk).update(
-        events=rollup.events + 1, quantity=rollup.quantity + usage.quantity, credits=rollup.credits + usage.credits,
-        overage_credits=rollup.overage_credits + usage.overage_credits,
-    )
-
-
 @dataclass
 class BatchResult:
     event: UsageEvent | None = None
@@ -154,13 +59,126 @@ class BatchResult:
     error: BillingError | None = None
 
 
+def credits_per_unit(plan, feature: Feature) -> Decimal:
+    """The plan's credit cost for one unit of `feature`, or the feature's default."""
+    cost = FeatureCost.objects.filter(plan=plan, feature=feature).values_list("credits_per_unit", flat=True).first()
+    return feature.default_credits_per_unit if cost is None else cost
+
+
+def credits_for(plan, feature: Feature, quantity: Decimal) -> Decimal:
+    return quantize_credits(quantity * credits_per_unit(plan, feature))
+
+
+def record_event(*, event: EventInput, now: datetime) -> tuple[UsageEvent, bool]:
+    """Record one usage event. Returns (event, created); a retry of an id already seen
+    with the same body returns the stored event with created=False."""
+    result = record_events(events=[event], now=now)[0]
+    if result.error is not None:
+        raise result.error
+    return result.event, result.created
+
+
 def record_events(*, events: list[EventInput], now: datetime) -> list[BatchResult]:
-    """Record a batch: each event atomic on its own, results in input order."""
-    results = []
-    for item in events:
+    """Record a batch; results in input order."""
+    results: list[BatchResult | None] = [None] * len(events)
+    by_customer: dict[str, list[int]] = {}
+    for index, item in enumerate(events):
+        by_customer.setdefault(item.customer, []).append(index)
+    customer_ids = dict(Customer.objects.filter(external_id__in=list(by_customer)).values_list("external_id", "pk"))
+    features = {f.code: f for f in Feature.objects.filter(code__in={e.feature for e in events})}
+    for external_id in set(by_customer) - set(customer_ids):
+        for index in by_customer[external_id]:
+            results[index] = BatchResult(error=NotFound(f"No customer with external_id {external_id!r}.",
+                                                        code="customer_not_found", field="customer"))
+    # One customer at a time, in primary-key order: never two locks held at once.
+    for external_id, customer_id in sorted(customer_ids.items(), key=lambda item: item[1]):
+        items = [(index, events[index]) for index in by_customer[external_id]]
         try:
-            usage, created = record_event(event=item, now=now)
-            results.append(BatchResult(event=usage, created=created))
-        except BillingError as error:
-            results.append(BatchResult(error=error))
+            _record_customer_events(customer_id, items, features, now, results)
+        except IntegrityError:
+            # Only reachable without row locks (SQLite): a concurrent request inserted
+            # one of these ids first. Once more, now seeing it as a repeat.
+            _record_customer_events(customer_id, items, features, now, results)
     return results
+
+
+@transaction.atomic
+def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]], features: dict[str, Feature],
+                            now: datetime, results: list) -> None:
+    customer = lock_customer(customer_id)
+    stored = {
+        e.event_id: e for e in UsageEvent.objects.filter(customer=customer, event_id__in=[i.event_id for _, i in items])
+        .select_related("customer", "feature")
+    }
+    subscription = live_subscription(customer)
+    skew = timedelta(seconds=settings.OVERAGE_CLOCK_SKEW_SECONDS)
+    stamps = [as_utc(i.timestamp) if i.timestamp else now for _, i in items]
+    if subscription is not None:
+        open_periods(subscription=subscription, until=min(max(stamps), now + skew))
+    periods = list(
+        BillingPeriod.objects.select_related("plan").prefetch_related("plan__overage_tiers")
+        .filter(customer=customer, end__gt=min(stamps)).order_by("-start")
+    )
+    reservations = {
+        str(r.pk): r for r in Reservation.objects.filter(
+            customer=customer, pk__in=[i.reservation_id for _, i in items if i.reservation_id])
+    }
+    ledger = CustomerLedger(customer, subscription, now=now)
+    per_unit: dict[tuple[int, int], Decimal] = {}
+    grace = timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
+
+    for (index, item), timestamp in zip(items, stamps):
+        fingerprint = item.fingerprint()
+        prior = stored.get(item.event_id)
+        if prior is not None:
+            if prior.fingerprint != fingerprint:
+                results[index] = BatchResult(error=Conflict(
+                    f"Event id {item.event_id!r} was already used with a different body.",
+                    code="idempotency_conflict", field="id"))
+            else:
+                results[index] = BatchResult(event=prior, created=False)
+            continue
+        try:
+            if timestamp > now + skew:
+                raise BillingError("The event's timestamp is in the future.", code="timestamp_in_future",
+                                   field="timestamp")
+            feature = features.get(item.feature)
+            if feature is None:
+                raise BillingError(f"Unknown feature {item.feature!r}.", code="unknown_feature", field="feature")
+            if subscription is None:
+                raise BillingError("The customer has no subscription.", code="no_subscription", field="customer")
+            period = next((p for p in periods if p.start <= timestamp < p.end), None)
+            if period is None:
+                raise BillingError("No subscription covers the event's timestamp.", code="no_subscription",
+                                   field="timestamp")
+            if period.status == BillingPeriod.Status.CLOSED or now >= period.end + grace:
+                raise BillingError("The billing period of this event's timestamp is closed.", code="period_closed",
+                                   field="timestamp")
+            reservation = None
+            if item.reservation_id:
+                reservation = reservations.get(str(item.reservation_id))
+                if reservation is None:
+                    raise NotFound("No such reservation for this customer.", code="reservation_not_found",
+                                   field="reservation_id", status=422)
+        except BillingError as error:
+            results[index] = BatchResult(error=error)
+            continue
+
+        key = (period.plan_id, feature.pk)
+        if key not in per_unit:
+            per_unit[key] = credits_per_unit(period.plan, feature)
+        credits = quantize_credits(item.quantity * per_unit[key])
+        holding = reservation is not None and reservation.is_holding(now)
+        charge = ledger.plan_charge(period=period, feature=feature, credits=credits, at=timestamp,
+                                    reservation_id=reservation.pk if holding else None)
+        usage = UsageEvent(
+            customer=customer, event_id=item.event_id, feature=feature, quantity=item.quantity, credits=credits,
+            overage_credits=charge.overage_credits if charge.allowed else 0, timestamp=timestamp, received_at=now,
+            properties=item.properties, period=period, reservation=reservation, fingerprint=fingerprint,
+            status=UsageEvent.Status.ACCEPTED if charge.allowed else UsageEvent.Status.REJECTED,
+            reject_reason="" if charge.allowed else charge.reason,
+        )
+        ledger.record(usage, charge)
+        stored[item.event_id] = usage  # a repeat later in the same batch is a repeat
+        results[index] = BatchResult(event=usage, created=True)
+    ledger.flush()
