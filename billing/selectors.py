@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.db.models import Sum
 
 from billing.models import BillingPeriod, CreditGrant, Customer, ReservationHold, UsageRollup
-from billing.services.customers import current_period, live_subscription
+from billing.services.customers import current_period
 from billing.services.ledger import active_reservations, effective_overage_cap
 from plans.money import ZERO, credits_total
 from plans.pricing import PeriodQuote, price_period
@@ -107,6 +107,3 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
         ],
     )
 
-
-def customer_subscription(customer: Customer):
-    return live_subscription(customer)

@@ -6,7 +6,7 @@ from django.db import IntegrityError, transaction
 
 from billing.errors import BillingError, Conflict, NotFound
 from billing.models import BillingPeriod, CreditGrant, Customer, Subscription
-from billing.periods import as_utc, period_bounds_at, period_start, period_index_at
+from billing.periods import as_utc, period_index_at, period_start
 from billing.services.ledger import grant_credits
 from billing.services.locks import lock_customer
 from plans.models import Plan
@@ -145,8 +145,3 @@ def subscription_change_plan(*, customer: Customer, plan_code: str, now: datetim
     subscription.save(update_fields=["pending_plan"])
     return subscription
 
-
-__all__ = [
-    "customer_create", "customer_get", "live_subscription", "open_periods", "period_for",
-    "current_period", "subscription_change_plan", "period_bounds_at",
-]

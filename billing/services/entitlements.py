@@ -8,7 +8,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import transaction
 
-from billing.errors import BillingError, Conflict, NotFound
+from billing.errors import Conflict, NotFound
 from billing.models import Customer, Reservation, ReservationHold
 from billing.services.customers import current_period, live_subscription
 from billing.services.ledger import CustomerLedger, Reason
@@ -108,5 +108,3 @@ def reservation_status(reservation: Reservation, now: datetime) -> str:
         return "expired"
     return reservation.status
 
-
-__all__ = ["check_entitlement", "reservation_release", "reservation_status", "EntitlementDecision", "BillingError"]
