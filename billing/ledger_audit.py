@@ -20,7 +20,7 @@ ZERO = Decimal("0")
 
 def ledger_mismatches() -> Iterator[str]:
     """Yield a readable description of every mismatch: grants, then periods, then
-    rollups."""
+    events, then rollups."""
     by_grant = {
         grant: credits_total(total)
         for grant, total in LedgerEntry.objects.filter(grant__isnull=False).order_by().values_list("grant")
@@ -48,6 +48,19 @@ def ledger_mismatches() -> Iterator[str]:
         if (credits_used, overage_credits) != (used[pk], overage[pk]):
             yield (f"period {pk} of customer {customer}: cached used/overage {credits_used}/{overage_credits} "
                    f"but entries say {used[pk]}/{overage[pk]}")
+
+    # Every accepted event is charged exactly its credits (consume + overage entries);
+    # a rejected event charges nothing.
+    charged = {
+        event: -credits_total(total)
+        for event, total in LedgerEntry.objects.filter(event__isnull=False).order_by().values_list("event")
+        .annotate(Sum("credits"))
+    }
+    events = UsageEvent.objects.order_by("pk").values_list("pk", "event_id", "status", "credits")
+    for pk, event_id, status, credits in events.iterator():
+        expected = credits if status == UsageEvent.Status.ACCEPTED else ZERO
+        if charged.get(pk, ZERO) != expected:
+            yield f"event {event_id!r} ({status}): credits {credits} but its ledger entries charge {charged.get(pk, ZERO)}"
 
     def figures(queryset, count):
         return {

@@ -29,7 +29,9 @@ class Balance:
         return self.included + self.purchased + self.promotional
 
 
-def balance_at(customer: Customer, at: datetime, now: datetime) -> Balance:
+def balance_at(customer: Customer, at: datetime, now: datetime, *, with_holds: bool = True) -> Balance:
+    """Credits usable at `at`, by kind; `held` counts active holds on those grants
+    (holds exist only now, so a past balance has none)."""
     balance = Balance()
     grants = CreditGrant.objects.filter(customer=customer, remaining__gt=0, effective_at__lte=at).exclude(
         expires_at__lte=at
@@ -42,10 +44,11 @@ def balance_at(customer: Customer, at: datetime, now: datetime) -> Balance:
             balance.purchased += remaining
         else:
             balance.promotional += remaining
-    balance.held = credits_total(
-        ReservationHold.objects.filter(reservation__in=active_reservations(customer, now))
-        .aggregate(total=Sum("credits"))["total"]
-    )
+    if with_holds:
+        balance.held = credits_total(
+            ReservationHold.objects.filter(reservation__in=active_reservations(customer, now), grant__in=grants)
+            .aggregate(total=Sum("credits"))["total"]
+        )
     return balance
 
 
@@ -76,8 +79,9 @@ class PeriodUsage:
 def period_usage(*, customer: Customer, now: datetime, at: datetime | None = None) -> PeriodUsage | None:
     """Usage of the period containing `at` (default: the current period). Balances are
     as of now for the current period and as of the period's last instant otherwise."""
+    current = current_period(customer=customer, now=now)  # opens periods up to now
     if at is None or at >= now:
-        period = current_period(customer=customer, now=now)
+        period = current
     else:
         period = (
             BillingPeriod.objects.select_related("plan")
@@ -86,7 +90,8 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
     if period is None:
         return None
     plan = period.plan
-    balance_instant = min(now, period.end - timedelta(microseconds=1))
+    is_current = current is not None and period.pk == current.pk
+    balance_instant = now if is_current else min(now, period.end - timedelta(microseconds=1))
     rollups = (
         UsageRollup.objects.filter(period=period)
         .values("feature__code", "feature__name", "feature__unit")
@@ -96,7 +101,7 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
     )
     return PeriodUsage(
         period=period,
-        balance=balance_at(customer, balance_instant, now),
+        balance=balance_at(customer, balance_instant, now, with_holds=is_current),
         quote=price_period(plan, period.overage_credits),
         spend_cap=effective_overage_cap(plan, customer),
         by_feature=[

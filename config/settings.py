@@ -79,8 +79,10 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Writers wait for each other instead of failing at once with "database is locked".
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # Transactions take SQLite's write lock when they begin (IMMEDIATE), so concurrent
+    # writers queue for up to `timeout` seconds; deferred transactions would fail at once
+    # with "database is locked" when upgrading a read lock.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Cache (Redis when configured) ----------------------------------------------------
@@ -160,6 +162,12 @@ OVERAGE_RESERVATION_MAX_TTL_SECONDS = env_int("OVERAGE_RESERVATION_MAX_TTL_SECON
 OVERAGE_MAX_BATCH_EVENTS = 1000
 # Largest quantity one event may carry; anything larger is almost surely a bug upstream.
 OVERAGE_MAX_EVENT_QUANTITY = Decimal(env_str("OVERAGE_MAX_EVENT_QUANTITY", "1000000000"))
+# With the quantity bound this keeps one event's credits below 10^15, far inside the
+# 18 integer digits of the credit columns.
+OVERAGE_MAX_CREDITS_PER_UNIT = Decimal("1000000")
+# How far in the past a new subscription may start (each past period is opened with its
+# included credits).
+OVERAGE_MAX_BACKDATE_DAYS = env_int("OVERAGE_MAX_BACKDATE_DAYS", 400)
 
 LOGGING = {
     "version": 1,

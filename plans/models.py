@@ -4,7 +4,7 @@ and prepaid credit packs. Nothing here touches a customer's balance."""
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
 from .money import CURRENCY_CHOICES, CreditField, MoneyField, RateField
@@ -14,6 +14,8 @@ code_validator = RegexValidator(
     "Use letters, digits, '_', '-', '.', or ':' (must start with a letter or digit).",
 )
 non_negative = MinValueValidator(Decimal("0"))
+# Bounded so that quantity × credits per unit always fits the credit columns.
+credits_per_unit_bound = MaxValueValidator(Decimal("1000000"))
 
 
 class Feature(models.Model):
@@ -23,7 +25,7 @@ class Feature(models.Model):
     name = models.CharField(max_length=200)
     unit = models.CharField(max_length=50, default="call", help_text='e.g. "call", "1k tokens"')
     # Used on plans that do not list the feature in their own feature costs.
-    default_credits_per_unit = CreditField(default=Decimal("1"), validators=[non_negative])
+    default_credits_per_unit = CreditField(default=Decimal("1"), validators=[non_negative, credits_per_unit_bound])
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -120,7 +122,7 @@ class FeatureCost(models.Model):
 
     plan = models.ForeignKey(Plan, on_delete=models.CASCADE, related_name="feature_costs")
     feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="plan_costs")
-    credits_per_unit = CreditField(validators=[non_negative])
+    credits_per_unit = CreditField(validators=[non_negative, credits_per_unit_bound])
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["plan", "feature"], name="unique_feature_cost_per_plan")]

@@ -34,6 +34,11 @@ class OverageQuote:
     tiers: tuple[TierCharge, ...]
     amount: Decimal  # rounded once, to the currency's minor unit
 
+    @property
+    def exact_amount(self) -> Decimal:
+        """The unrounded sum of the tiers (for comparisons against caps)."""
+        return sum((tier.amount for tier in self.tiers), ZERO)
+
 
 @dataclass(frozen=True)
 class PeriodQuote:

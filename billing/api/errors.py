@@ -30,7 +30,12 @@ def first_validation_error(detail, path: str = "") -> tuple[str | None, str, str
     ('overage_tiers[1].up_to', 'A valid number is required.', 'invalid')."""
     if isinstance(detail, dict):
         for key, value in detail.items():
-            child = path if key in ("non_field_errors",) else (f"{path}.{key}" if path else str(key))
+            if key == "non_field_errors":
+                child = path
+            elif isinstance(key, int):  # ListField reports item errors as {index: …}
+                child = f"{path}[{key}]"
+            else:
+                child = f"{path}.{key}" if path else str(key)
             return first_validation_error(value, child)
     if isinstance(detail, list):
         for index, value in enumerate(detail):

@@ -38,7 +38,24 @@ class RateField(_DecimalString):
 
 
 class MoneyField(_DecimalString):
+    """Money as a decimal string. Inside a `CurrencyAmounts` serializer it shows the
+    currency's minor units ("49.00" USD, "4900" JPY); elsewhere at least 2 places."""
+
     min_places = 2
 
     def __init__(self, **kwargs):
         super().__init__(max_digits=money.MONEY_DIGITS, decimal_places=money.MONEY_PLACES, **kwargs)
+
+
+class CurrencyAmounts:
+    """Serializer mixin: money fields get their places from the output's `currency`."""
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        currency = data.get("currency")
+        if currency:
+            places = money.minor_unit_exponent(currency)
+            for name, field in self.fields.items():
+                if isinstance(field, MoneyField) and data.get(name) is not None:
+                    data[name] = decimal_string(Decimal(data[name]), places)
+        return data

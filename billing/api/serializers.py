@@ -1,6 +1,8 @@
 """Request validation and response shapes of /api/v1 (the public contract in
 DESIGN.md: extend freely, rename never)."""
 
+import json
+import math
 from decimal import Decimal
 
 from django.conf import settings
@@ -9,9 +11,42 @@ from rest_framework import serializers
 from billing.models import CreditGrant, UsageEvent
 from plans.models import Plan
 
-from .fields import CreditsField, MoneyField, RateField
+from .fields import CreditsField, CurrencyAmounts, MoneyField, RateField
 
 POSITIVE = Decimal("0.000001")
+# Credits per unit are bounded so that quantity × cost always fits the credit columns.
+MAX_CREDITS_PER_UNIT = settings.OVERAGE_MAX_CREDITS_PER_UNIT
+EXTERNAL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]*$"
+MAX_PROPERTIES_BYTES = 16 * 1024
+MAX_PROPERTIES_DEPTH = 5
+
+
+def _check_json_value(value, depth: int = 0) -> None:
+    if depth > MAX_PROPERTIES_DEPTH:
+        raise serializers.ValidationError(f"Nested deeper than {MAX_PROPERTIES_DEPTH} levels.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise serializers.ValidationError("Numbers must be finite.")
+    if isinstance(value, str) and "\x00" in value:
+        raise serializers.ValidationError("Text may not contain NUL characters.")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_value(key, depth + 1)
+            _check_json_value(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json_value(item, depth + 1)
+
+
+class PropertiesField(serializers.DictField):
+    """Free-form event properties, kept as JSON: finite numbers, no NUL characters, at
+    most 16 KiB and 5 levels deep."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        _check_json_value(value)
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_PROPERTIES_BYTES:
+            raise serializers.ValidationError(f"At most {MAX_PROPERTIES_BYTES} bytes of JSON.")
+        return value
 
 
 # --- Catalogue ----------------------------------------------------------------------
@@ -20,7 +55,8 @@ class FeatureSerializer(serializers.Serializer):
     code = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=64)
     name = serializers.CharField(max_length=200)
     unit = serializers.CharField(max_length=50, required=False, default="call")
-    default_credits_per_unit = CreditsField(required=False, default=Decimal("1"), min_value=Decimal("0"))
+    default_credits_per_unit = CreditsField(required=False, default=Decimal("1"), min_value=Decimal("0"),
+                                            max_value=MAX_CREDITS_PER_UNIT)
 
 
 class OverageTierSerializer(serializers.Serializer):
@@ -36,10 +72,10 @@ class RolloverSerializer(serializers.Serializer):
 
 class FeatureCostSerializer(serializers.Serializer):
     feature = serializers.CharField(max_length=64)
-    credits_per_unit = CreditsField(min_value=Decimal("0"))
+    credits_per_unit = CreditsField(min_value=Decimal("0"), max_value=MAX_CREDITS_PER_UNIT)
 
 
-class PlanSerializer(serializers.Serializer):
+class PlanSerializer(CurrencyAmounts, serializers.Serializer):
     code = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=64)
     name = serializers.CharField(max_length=200)
     currency = serializers.ChoiceField(choices=[c for c, _ in Plan._meta.get_field("currency").choices], default="USD")
@@ -81,7 +117,9 @@ def plan_representation(plan: Plan) -> dict:
 # --- Customers ----------------------------------------------------------------------
 
 class CustomerCreateSerializer(serializers.Serializer):
-    external_id = serializers.CharField(max_length=255)
+    external_id = serializers.RegexField(
+        EXTERNAL_ID, max_length=255, trim_whitespace=False,
+        help_text="Your id for the customer: letters, digits and _ . : @ + - (it appears in URLs).")
     name = serializers.CharField(max_length=200)
     email = serializers.EmailField(required=False, allow_blank=True, default="")
     plan = serializers.CharField(max_length=64, help_text="Plan code.")
@@ -124,7 +162,7 @@ class EventSerializer(serializers.Serializer):
     feature = serializers.CharField(max_length=64)
     quantity = CreditsField(min_value=POSITIVE, max_value=settings.OVERAGE_MAX_EVENT_QUANTITY)
     timestamp = serializers.DateTimeField(required=False, help_text="When the usage happened; defaults to now.")
-    properties = serializers.DictField(required=False, default=dict)
+    properties = PropertiesField(required=False, default=dict)
     reservation_id = serializers.UUIDField(required=False, help_text="Settles this reservation.")
 
 
@@ -181,7 +219,7 @@ class EntitlementCheckSerializer(serializers.Serializer):
     )
 
 
-class EntitlementResultSerializer(serializers.Serializer):
+class EntitlementResultSerializer(CurrencyAmounts, serializers.Serializer):
     allowed = serializers.BooleanField()
     reason = serializers.ChoiceField(choices=["ok", "overage", "insufficient_credits", "spend_cap_reached", "paused",
                                               "unknown_feature", "no_subscription"])
@@ -215,7 +253,7 @@ class FeatureUsageSerializer(serializers.Serializer):
     overage_credits = CreditsField()
 
 
-class UsageSerializer(serializers.Serializer):
+class UsageSerializer(CurrencyAmounts, serializers.Serializer):
     period_start = serializers.DateTimeField()
     period_end = serializers.DateTimeField()
     period_status = serializers.CharField()

@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from . import views
 
@@ -15,4 +15,5 @@ urlpatterns = [
     path("events/batch", views.EventBatchCreate.as_view(), name="events-batch"),
     path("entitlements/check", views.EntitlementCheck.as_view(), name="entitlement-check"),
     path("reservations/<uuid:reservation_id>/release", views.ReservationRelease.as_view(), name="reservation-release"),
+    re_path(r"^.*$", views.api_not_found),  # last: anything else under /api/v1/
 ]

@@ -8,7 +8,6 @@ from rest_framework.views import APIView
 
 from billing import selectors
 from billing.errors import BillingError, NotFound
-from billing.models import BillingPeriod
 from billing.services import customers as customer_services
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
 from billing.services.ledger import grant_credits_once
@@ -85,11 +84,8 @@ class PlanDetail(ScopedView):
 # --- Customers ------------------------------------------------------------------------
 
 def _customer_out(customer) -> dict:
+    period = customer_services.current_period(customer=customer, now=timezone.now())
     subscription = customer_services.live_subscription(customer)
-    period = (
-        BillingPeriod.objects.filter(customer=customer, status=BillingPeriod.Status.OPEN).order_by("-start").first()
-        if subscription else None
-    )
     return s.CustomerSerializer({
         "external_id": customer.external_id, "name": customer.name, "email": customer.email,
         "created_at": customer.created_at, "subscription": subscription, "current_period": period,
@@ -268,3 +264,10 @@ class CustomerGrantCreate(ScopedView):
             description=data["description"], now=now,
         )
         return Response(s.GrantSerializer(grant).data, status=201 if created else 200)
+
+
+def api_not_found(request, *args, **kwargs):
+    """Unknown /api/ URLs answer in the API's error shape, not with an HTML page."""
+    from django.http import JsonResponse
+
+    return JsonResponse(error_body("not_found", f"No API endpoint at {request.path}."), status=404)

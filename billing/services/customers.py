@@ -1,6 +1,8 @@
 """Customers, subscriptions and the opening of billing periods."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
+
+from django.conf import settings
 
 from django.db import IntegrityError, transaction
 
@@ -28,6 +30,9 @@ def customer_create(*, external_id: str, name: str, email: str = "", plan_code: 
     started_at = as_utc(started_at or now)
     if started_at > now:
         raise BillingError("started_at cannot be in the future.", code="invalid", field="started_at", status=400)
+    if started_at < now - timedelta(days=settings.OVERAGE_MAX_BACKDATE_DAYS):
+        raise BillingError(f"started_at may be at most {settings.OVERAGE_MAX_BACKDATE_DAYS} days in the past.",
+                           code="invalid", field="started_at", status=400)
     customer = Customer(external_id=external_id, name=name, email=email)
     customer.full_clean(exclude=["external_id"])  # uniqueness is the database's job, below
     try:
@@ -64,9 +69,11 @@ def open_periods(*, subscription: Subscription, until: datetime) -> list[Billing
     """Open every billing period of `subscription` up to the one containing `until`,
     each with a grant of its plan's included credits that expires at the period's end.
 
-    Idempotent; the caller holds the customer's lock. A plan change scheduled for the
-    next period (`pending_plan`) takes effect when that period opens.
+    Idempotent; the caller holds the customer's lock and never asks for a period that
+    has not started (`until` ≤ now), so a plan change scheduled before a boundary always
+    applies from that boundary (`pending_plan` takes effect when the period opens).
     """
+    subscription.refresh_from_db()  # under the lock: a concurrent plan change is seen
     last = subscription.periods.order_by("-start").first()
     if last is not None and last.end > until:
         return []

@@ -59,9 +59,14 @@ def check_entitlement(*, customer_external_id: str, feature_code: str, quantity:
         charge = ledger.plan_charge(period=period, feature=feature, credits=credits, at=now)
         reservation = None
         if charge.allowed:
+            # A hold cannot outlive what it holds: it ends no later than the period (whose
+            # overage room it may hold) and the soonest expiry among its grants, so an
+            # event settling it in time can always use every credit it holds.
+            expires_at = min([now + timedelta(seconds=ttl), period.end]
+                             + [d.grant.expires_at for d in charge.draws if d.grant.expires_at is not None])
             reservation = Reservation.objects.create(
                 customer=customer, feature=feature, period=period, quantity=quantity, credits=credits,
-                overage_credits=charge.overage_credits, created_at=now, expires_at=now + timedelta(seconds=ttl),
+                overage_credits=charge.overage_credits, created_at=now, expires_at=expires_at,
             )
             ReservationHold.objects.bulk_create(
                 ReservationHold(reservation=reservation, grant=draw.grant, credits=draw.credits) for draw in charge.draws

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 
 from billing.errors import BillingError, Conflict
 from billing.models import (
@@ -70,18 +70,20 @@ def grant_credits_once(*, customer: Customer, idempotency_key: str, credits: Dec
     """A grant requested from outside (API, admin), effective now: idempotent by key,
     and a repeat of a key with different terms is a conflict rather than a silent
     no-op. Returns (grant, created)."""
-    check_grant_request(credits=credits, expires_at=expires_at, now=now)
     features = list(features)
     terms = grant_terms(credits=credits, source=source, expires_at=expires_at, feature_codes=[f.code for f in features])
     lock_customer(customer.pk)
     existing = CreditGrant.objects.filter(customer=customer, idempotency_key=idempotency_key).first()
     if existing is not None:
+        # A retry is answered before validation: "expires_at must be in the future" was
+        # true when the grant was made, and a retry must get the same answer.
         existing_terms = grant_terms(credits=existing.credits, source=existing.source, expires_at=existing.expires_at,
                                      feature_codes=[f.code for f in existing.features.all()])
         if existing_terms != terms:
             raise Conflict("This idempotency_key was used for a different grant.", code="idempotency_conflict",
                            field="idempotency_key")
         return existing, False
+    check_grant_request(credits=credits, expires_at=expires_at, now=now)
     grant = grant_credits(customer=customer, credits=credits, source=source, effective_at=now,
                           expires_at=expires_at, features=features, idempotency_key=idempotency_key,
                           description=description, now=now)
@@ -158,10 +160,14 @@ class CustomerLedger:
     available, so a reserved request can always settle what it reserved.
     """
 
-    def __init__(self, customer: Customer, subscription: Subscription | None, *, now: datetime):
+    def __init__(self, customer: Customer, subscription: Subscription | None, *, now: datetime,
+                 since: datetime | None = None):
+        """`since`: the earliest instant a charge will be made at (default: now);
+        grants that expired before it cannot pay and are not loaded."""
         self.customer, self.subscription, self.now = customer, subscription, now
         self._grants = list(
             CreditGrant.objects.filter(customer=customer, remaining__gt=0)
+            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=since or now))
             .order_by(F("expires_at").asc(nulls_last=True), "priority", "created_at", "id")
         )
         self._scopes: dict[int, set[int]] = {}
@@ -235,9 +241,12 @@ class CustomerLedger:
         if need > ZERO:
             if not plan.overage_enabled and plan.hard_limit_behaviour == Plan.HardLimit.BLOCK:
                 return self._refused(result, Reason.INSUFFICIENT_CREDITS, estimate(committed_overage))
-            amount_after = estimate(committed_overage + need)
+            quote_after = price_overage(plan, committed_overage + need)
+            amount_after = quote_after.amount
             cap = effective_overage_cap(plan, self.customer)
-            if plan.overage_enabled and cap is not None and amount_after > cap:
+            # Compared before rounding: a $0 cap admits no overage at all, not the
+            # fraction of a cent that rounds to $0.00.
+            if plan.overage_enabled and cap is not None and quote_after.exact_amount > cap:
                 return self._refused(result, Reason.SPEND_CAP_REACHED, estimate(committed_overage))
             result.reason = Reason.OVERAGE
             result.estimated_overage_amount = amount_after

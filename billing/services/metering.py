@@ -114,7 +114,9 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
     skew = timedelta(seconds=settings.OVERAGE_CLOCK_SKEW_SECONDS)
     stamps = [as_utc(i.timestamp) if i.timestamp else now for _, i in items]
     if subscription is not None:
-        open_periods(subscription=subscription, until=min(max(stamps), now + skew))
+        # Never a period that has not started: a plan change made before the boundary
+        # must still shape it.
+        open_periods(subscription=subscription, until=min(max(stamps), now))
     periods = list(
         BillingPeriod.objects.select_related("plan").prefetch_related("plan__overage_tiers")
         .filter(customer=customer, end__gt=min(stamps)).order_by("-start")
@@ -123,7 +125,8 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
         str(r.pk): r for r in Reservation.objects.filter(
             customer=customer, pk__in=[i.reservation_id for _, i in items if i.reservation_id])
     }
-    ledger = CustomerLedger(customer, subscription, now=now)
+    ledger = CustomerLedger(customer, subscription, now=now, since=min(stamps))
+    settled_here: set = set()
     per_unit: dict[tuple[int, int], Decimal] = {}
     grace = timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
 
@@ -148,6 +151,9 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
             if subscription is None:
                 raise BillingError("The customer has no subscription.", code="no_subscription", field="customer")
             period = next((p for p in periods if p.start <= timestamp < p.end), None)
+            if period is None and timestamp > now:
+                raise BillingError("The event's timestamp falls in a billing period that has not started yet.",
+                                   code="timestamp_in_future", field="timestamp")
             if period is None:
                 raise BillingError("No subscription covers the event's timestamp.", code="no_subscription",
                                    field="timestamp")
@@ -160,6 +166,12 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
                 if reservation is None:
                     raise NotFound("No such reservation for this customer.", code="reservation_not_found",
                                    field="reservation_id", status=422)
+                if reservation.feature_id != feature.pk:
+                    raise BillingError("The reservation was made for another feature.",
+                                       code="reservation_mismatch", field="reservation_id")
+                if reservation.status == Reservation.Status.SETTLED or reservation.pk in settled_here:
+                    raise Conflict("This reservation was already settled by another event.",
+                                   code="reservation_settled", field="reservation_id")
         except BillingError as error:
             results[index] = BatchResult(error=error)
             continue
@@ -179,6 +191,8 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
             reject_reason="" if charge.allowed else charge.reason,
         )
         ledger.record(usage, charge)
+        if reservation is not None:
+            settled_here.add(reservation.pk)
         stored[item.event_id] = usage  # a repeat later in the same batch is a repeat
         results[index] = BatchResult(event=usage, created=True)
     ledger.flush()

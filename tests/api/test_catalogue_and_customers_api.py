@@ -150,3 +150,26 @@ def test_openapi_schema_describes_the_contract(api):
             "purchased_remaining", "overage_credits", "estimated_overage_amount", "estimated_total", "currency",
             "spend_cap", "by_feature"} <= set(usage)
     assert api.get("/api/docs/").status_code == 200
+
+
+def test_customer_detail_shows_the_period_containing_now_even_after_a_quiet_spell(api):
+    make_customer(pro_plan(), started_at=utc(2026, 1, 1), external_id="acme")
+
+    with time_machine.travel(utc(2026, 4, 15), tick=False):
+        body = api.get("/api/v1/customers/acme").json()
+
+    assert body["current_period"] == {"start": "2026-04-01T00:00:00Z", "end": "2026-05-01T00:00:00Z",
+                                      "status": "open"}
+
+
+def test_retrying_a_grant_after_its_expiry_passed_is_still_a_repeat(api):
+    make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
+    body = {"credits": "100", "expires_at": "2026-05-10T10:00:00Z", "idempotency_key": "k1"}
+
+    with time_machine.travel(utc(2026, 5, 10, 9), tick=False):
+        first = api.post("/api/v1/customers/acme/grants", body, format="json")
+    with time_machine.travel(utc(2026, 5, 10, 11), tick=False):
+        retry = api.post("/api/v1/customers/acme/grants", body, format="json")
+
+    assert (first.status_code, retry.status_code) == (201, 200)
+    assert retry.json() == first.json()

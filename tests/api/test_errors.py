@@ -46,6 +46,9 @@ def good_event(**overrides):
     (good_event(timestamp="2026-05-10T10:00:00Z"), 422, "timestamp_in_future", "timestamp"),
     (good_event(timestamp="2026-04-30T23:00:00Z"), 422, "no_subscription", "timestamp"),
     (good_event(properties=[1, 2]), 400, "invalid", "properties"),
+    (good_event(properties={"p": "a\u0000b"}), 400, "invalid", "properties"),
+    (good_event(properties={"deep": {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}}), 400, "invalid", "properties"),
+    (good_event(properties={"big": "x" * 17000}), 400, "invalid", "properties"),
     (good_event(reservation_id="not-a-uuid"), 400, "invalid", "reservation_id"),
     (good_event(reservation_id="3f2b8a4e-0000-4000-8000-000000000000"), 422, "reservation_not_found",
      "reservation_id"),
@@ -127,6 +130,15 @@ def test_empty_batch_is_refused(api, acme):
     ("/api/v1/plans", {"code": "has space", "name": "X"}, 400, "invalid", "code"),
     ("/api/v1/features", {"code": "gpt-4o", "name": "again"}, 409, "feature_exists", "code"),
     ("/api/v1/features", {"name": "no code"}, 400, "missing_field", "code"),
+    ("/api/v1/features", {"code": "big", "name": "Big", "default_credits_per_unit": "1000000000000"}, 400, "invalid",
+     "default_credits_per_unit"),
+    ("/api/v1/plans", {"code": "x", "name": "X", "feature_costs": [{"feature": "gpt-4o",
+                                                                    "credits_per_unit": "1000001"}]},
+     400, "invalid", "feature_costs[0].credits_per_unit"),
+    ("/api/v1/customers", {"external_id": "org/42", "name": "A", "plan": "pro"}, 400, "invalid", "external_id"),
+    ("/api/v1/customers", {"external_id": "acme ", "name": "A", "plan": "pro"}, 400, "invalid", "external_id"),
+    ("/api/v1/customers", {"external_id": "old", "name": "A", "plan": "pro", "started_at": "2020-01-01T00:00:00Z"},
+     400, "invalid", "started_at"),
     ("/api/v1/customers", {"external_id": "acme", "name": "A", "plan": "pro"}, 409, "customer_exists",
      "external_id"),
     ("/api/v1/customers", {"external_id": "new", "name": "A", "plan": "nope"}, 422, "plan_not_found", "plan"),
@@ -171,3 +183,32 @@ def test_unknown_customer_and_plan_reads_are_404(api, acme):
     assert api.get("/api/v1/plans/nope").json()["error"]["code"] == "plan_not_found"
     response = api.get("/api/v1/customers/acme/usage", {"at": "soon"})
     assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid")
+
+
+@time_machine.travel(NOW, tick=False)
+def test_an_infinite_number_in_properties_is_refused(api, acme):
+    body = '{"id": "e1", "customer": "acme", "feature": "gpt-4o", "quantity": 1, "properties": {"v": 1e400}}'
+    response = api.post("/api/v1/events", data=body, content_type="application/json")
+
+    assert (response.status_code, response.json()["error"]["field"]) == (400, "properties")
+    assert UsageEvent.objects.count() == 0
+
+
+@time_machine.travel(NOW, tick=False)
+def test_one_bad_event_in_a_batch_does_not_fail_the_others(api, acme):
+    good = good_event(id="ok-1")
+    bad = good_event(id="bad-1", properties={"p": "a\u0000b"})
+
+    response = api.post("/api/v1/events/batch", {"events": [good, bad]}, format="json")
+
+    assert response.status_code == 200
+    assert [r["outcome"] for r in response.json()["results"]] == ["created", "error"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nope", "/api/v1/reservations/not-a-uuid/release",
+                                  "/api/v1/customers/acme/usage/extra"])
+def test_unknown_api_urls_answer_in_the_error_shape(api, path):
+    response = api.post(path, {}, format="json")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"

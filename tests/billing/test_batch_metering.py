@@ -62,7 +62,7 @@ def test_a_batch_for_several_customers_records_each_and_names_the_unknown_one():
     assert_ledger_consistent()
 
 
-def test_a_reservation_is_settled_once_even_if_two_events_in_a_batch_carry_it():
+def test_a_reservation_is_settled_once_and_a_second_event_carrying_it_is_refused():
     make_customer(free_plan(included_credits=Decimal("10")), started_at=utc(2026, 5, 1), external_id="acme")
     held = check_entitlement(customer_external_id="acme", feature_code="gpt-4o", quantity=Decimal("8"),
                              reserve=True, now=NOW)
@@ -72,7 +72,8 @@ def test_a_reservation_is_settled_once_even_if_two_events_in_a_batch_carry_it():
                                     ev("b", "8", reservation_id=reservation_id)], now=NOW)
 
     assert results[0].event.status == "accepted"
-    assert (results[1].event.status, results[1].event.reject_reason) == ("rejected", "insufficient_credits")
+    assert (results[1].error.status, results[1].error.code) == (409, "reservation_settled")
+    assert UsageEvent.objects.count() == 1
     assert_ledger_consistent()
 
 

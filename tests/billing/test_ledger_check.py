@@ -61,3 +61,13 @@ def test_ledger_entries_cannot_be_changed_or_deleted(customer):
         entry.save()
     with pytest.raises(RuntimeError, match="append-only"):
         entry.delete()
+
+
+def test_names_an_event_whose_entries_do_not_add_up_to_its_credits(customer):
+    from billing.models import UsageEvent
+
+    UsageEvent.objects.update(credits=Decimal("151"))
+
+    with pytest.raises(CommandError, match="event 'e1' \\(accepted\\): credits 151.000000 but its ledger entries "
+                                           "charge 150"):
+        call_command("ledger_check")
