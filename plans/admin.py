@@ -17,7 +17,29 @@ from .errors import DomainError
 from .models import CreditPack, Feature, FeatureCost, OverageTier, Plan
 from .money import ZERO, format_credits, format_money
 from .pricing import price_credits_used
+from .selectors import plan_in_use
 from .services import TierInput, validate_tiers
+
+# What a customer was sold: fixed once a plan has subscribers (see plan_in_use).
+PRICE_TERMS = ("currency", "interval", "base_price", "included_credits", "overage_enabled", "overage_unit_price",
+               "overage_cap", "cap_behaviour", "hard_limit_behaviour", "rollover_policy", "rollover_max_credits")
+
+
+class PriceTermsInlineMixin:
+    """Feature costs and tiers are price terms too: read-only on a plan in use."""
+
+    @staticmethod
+    def _terms_fixed(plan) -> bool:
+        return plan is not None and plan_in_use(plan)
+
+    def has_add_permission(self, request, obj=None):
+        return not self._terms_fixed(obj) and super().has_add_permission(request, obj)
+
+    def has_change_permission(self, request, obj=None):
+        return not self._terms_fixed(obj) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return not self._terms_fixed(obj) and super().has_delete_permission(request, obj)
 
 
 class CodeReadonlyOnChangeMixin:
@@ -34,7 +56,7 @@ class FeatureAdmin(CodeReadonlyOnChangeMixin, admin.ModelAdmin):
     search_fields = ("code", "name")
 
 
-class FeatureCostInline(admin.TabularInline):
+class FeatureCostInline(PriceTermsInlineMixin, admin.TabularInline):
     model = FeatureCost
     extra = 0
     autocomplete_fields = ("feature",)
@@ -64,7 +86,7 @@ class OverageTierFormSet(BaseInlineFormSet):
             raise ValidationError(error.message) from None
 
 
-class OverageTierInline(admin.TabularInline):
+class OverageTierInline(PriceTermsInlineMixin, admin.TabularInline):
     model = OverageTier
     formset = OverageTierFormSet
     extra = 0
@@ -80,15 +102,26 @@ class PlanAdmin(CodeReadonlyOnChangeMixin, admin.ModelAdmin):
     list_filter = ("currency", "interval", "overage_enabled", "rollover_policy", "is_active")
     search_fields = ("code", "name")
     inlines = (FeatureCostInline, OverageTierInline)
-    readonly_fields = ("pricing_preview",)
+    readonly_fields = ("pricing_preview", "price_terms_status")
     fieldsets = (
-        (None, {"fields": ("code", "name", "currency", "interval", "is_active")}),
+        (None, {"fields": ("code", "name", "currency", "interval", "is_active", "price_terms_status")}),
         ("Price and credits", {"fields": ("base_price", "included_credits")}),
         ("Overage", {"fields": ("overage_enabled", "overage_unit_price", "overage_cap", "cap_behaviour",
                                 "hard_limit_behaviour")}),
         ("Rollover", {"fields": ("rollover_policy", "rollover_max_credits")}),
         ("Pricing preview", {"fields": ("pricing_preview",)}),
     )
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        return readonly + PRICE_TERMS if obj is not None and plan_in_use(obj) else readonly
+
+    @admin.display(description="Price terms")
+    def price_terms_status(self, plan: Plan):
+        if plan is None or not plan_in_use(plan):
+            return "Editable: no customer has been on this plan yet."
+        return ("Fixed: customers are or were on this plan, and their bills are computed from these terms. "
+                "To change pricing, create a new plan and move customers to it.")
 
     # Usage levels shown in the preview, besides 0 and the plan's own included credits.
     PREVIEW_INCLUDED_MULTIPLIER = Decimal("1.5")

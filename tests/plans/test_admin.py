@@ -196,3 +196,25 @@ def test_preview_of_a_plan_without_overage_says_what_happens_at_the_limit(admin_
     assert "At 1,500 credits this plan bills USD 0.00 (base USD 0.00 + overage USD 0.00)" in preview_lines(response)
     assert "Overage is off: beyond the included credits, deny usage (classic hard stop at zero)." in (
         response.content.decode())
+
+
+def test_price_terms_of_a_plan_in_use_are_fixed_in_the_admin(admin_client):
+    from datetime import datetime, timezone
+
+    from django.urls import reverse
+
+    from tests.factories import make_customer, pro_plan
+
+    plan = pro_plan()
+    make_customer(plan, started_at=datetime(2026, 5, 1, tzinfo=timezone.utc))
+    url = reverse("admin:plans_plan_change", args=[plan.pk])
+
+    page = admin_client.get(url)
+    admin_client.post(url, {"name": "Pro renamed", "base_price": "1", "included_credits": "99999999",
+                            "feature_costs-TOTAL_FORMS": "0", "feature_costs-INITIAL_FORMS": "0",
+                            "overage_tiers-TOTAL_FORMS": "0", "overage_tiers-INITIAL_FORMS": "0"})
+
+    plan.refresh_from_db()
+    assert "Fixed: customers are or were on this plan" in page.content.decode()
+    assert plan.name == "Pro renamed"  # names may change
+    assert (plan.base_price, plan.included_credits) == (49, 10000)  # price terms may not
