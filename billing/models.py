@@ -14,8 +14,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from plans.models import Feature, Plan
-from plans.money import CreditField
+from plans.models import CreditPack, Feature, Plan
+from plans.money import CreditField, MoneyField, RateField
 
 ZERO = Decimal("0")
 
@@ -25,6 +25,10 @@ class Customer(models.Model):
     external_id = models.CharField(max_length=255, unique=True)
     name = models.CharField(max_length=200)
     email = models.EmailField(blank=True)
+    # Overage money cap for this customer set by the business, replacing the plan's.
+    overage_cap_override = MoneyField(null=True, blank=True)
+    # The customer's own monthly overage cap; it can only lower the business's cap.
+    spend_cap = MoneyField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -143,6 +147,13 @@ class CreditGrant(models.Model):
     features = models.ManyToManyField(Feature, blank=True, related_name="scoped_grants")
     period = models.ForeignKey(BillingPeriod, null=True, blank=True, on_delete=models.PROTECT, related_name="grants")
     pack = models.ForeignKey("plans.CreditPack", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Cost basis for revenue recognition: the money paid for this grant's credits (the
+    # period's base fee for included credits, the pack price for a purchase, 0 for
+    # promotional credits), in `currency`. Revenue is recognised pro rata as credits
+    # are consumed; whatever is left when they expire is breakage, so the two always
+    # add up to exactly this amount.
+    cost = MoneyField(default=ZERO)
+    currency = models.CharField(max_length=3, blank=True)
     # Makes externally triggered grants (API, payments) idempotent per customer.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     description = models.CharField(max_length=255, blank=True)
@@ -331,3 +342,301 @@ class ApiKey(models.Model):
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
+
+
+# --- Invoices -------------------------------------------------------------------------------
+
+class InvoiceNumberSequence(models.Model):
+    """Gap-free invoice numbers: the row is locked while a number is taken, in the same
+    transaction that writes the invoice, so a rolled-back invoice leaves no gap."""
+
+    name = models.CharField(max_length=32, unique=True)
+    last_value = models.PositiveBigIntegerField(default=0)
+
+
+class Invoice(models.Model):
+    class Kind(models.TextChoices):
+        SUBSCRIPTION_START = "subscription_start", "Subscription start"
+        PERIOD_CLOSE = "period_close", "Period close"
+        PROGRESSIVE = "progressive", "Progressive (mid-period overage)"
+        PLAN_CHANGE = "plan_change", "Plan change"
+        PACK_PURCHASE = "pack_purchase", "Credit pack receipt"
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        ISSUED = "issued", "Issued"
+        PAID = "paid", "Paid"
+        VOID = "void", "Void"
+
+    number = models.CharField(max_length=32, unique=True)
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="invoices")
+    subscription = models.ForeignKey(Subscription, null=True, blank=True, on_delete=models.PROTECT,
+                                     related_name="invoices")
+    # The usage period this invoice bills (overage); for a period close, the closed period.
+    period = models.ForeignKey(BillingPeriod, null=True, blank=True, on_delete=models.PROTECT,
+                               related_name="invoices")
+    kind = models.CharField(max_length=24, choices=Kind.choices)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.ISSUED)
+    currency = models.CharField(max_length=3)
+    total = MoneyField()
+    issued_at = models.DateTimeField()
+    due_at = models.DateTimeField()
+    paid_at = models.DateTimeField(null=True, blank=True)
+    voided_at = models.DateTimeField(null=True, blank=True)
+    # Exactly-once key for invoices not tied to a period close (purchases, plan changes,
+    # progressive invoices).
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-issued_at", "-id"]
+        constraints = [
+            # Closing a period twice, or from two workers at once, yields one invoice.
+            models.UniqueConstraint(fields=["period"], condition=Q(kind="period_close"),
+                                    name="one_close_invoice_per_period"),
+            models.UniqueConstraint(fields=["customer", "idempotency_key"], name="unique_invoice_idempotency_key"),
+        ]
+
+    def __str__(self):
+        return f"{self.number} ({self.get_kind_display()}, {self.total} {self.currency})"
+
+
+class InvoiceLine(models.Model):
+    class Kind(models.TextChoices):
+        BASE_FEE = "base_fee", "Base fee"
+        OVERAGE = "overage", "Overage"
+        PACK = "pack", "Credit pack"
+        PRORATION = "proration", "Proration"
+        ADJUSTMENT = "adjustment", "Adjustment"
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    description = models.CharField(max_length=255)
+    credits = CreditField(null=True, blank=True)
+    unit_price = RateField(null=True, blank=True)
+    amount = MoneyField()  # rounded once, to the currency's minor unit
+    # The service this line pays for (a period for a base fee, the usage window for
+    # overage).
+    service_start = models.DateTimeField(null=True, blank=True)
+    service_end = models.DateTimeField(null=True, blank=True)
+    # Overage lines: the usage behind them. The period's overage credits from
+    # `overage_from` to `overage_to` (cumulative, so progressive invoices and the close
+    # invoice bill adjacent, non-overlapping bands), produced by the period's overage
+    # ledger entries with ids up to `through_entry_id`.
+    period = models.ForeignKey(BillingPeriod, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    overage_from = CreditField(null=True, blank=True)
+    overage_to = CreditField(null=True, blank=True)
+    through_entry_id = models.BigIntegerField(null=True, blank=True)
+    # Graduated tiers applied to this line: [{lower, upper, credits, unit_price, amount}].
+    tiers = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["invoice", "id"]
+
+
+# --- Spend caps -----------------------------------------------------------------------------
+
+class SpendCapApproval(models.Model):
+    """A higher overage cap approved for one period (plans with cap behaviour
+    `approval`), by the customer in the portal or by an admin."""
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="cap_approvals")
+    period = models.ForeignKey(BillingPeriod, on_delete=models.PROTECT, related_name="cap_approvals")
+    cap = MoneyField()
+    approved_at = models.DateTimeField()
+    approved_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    note = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["period", "-approved_at"]
+
+
+# --- Alerts, notifications, outgoing webhooks ------------------------------------------------
+
+def default_alert_thresholds() -> list[int]:
+    return [50, 80, 100]
+
+
+class AlertPreference(models.Model):
+    """A customer's alert settings: usage thresholds (percent of included credits) and
+    which kinds of alert are also emailed."""
+
+    customer = models.OneToOneField(Customer, on_delete=models.CASCADE, related_name="alert_preference")
+    thresholds = models.JSONField(default=default_alert_thresholds)
+    # Alert kind → whether to email it; a kind not listed is emailed.
+    email_enabled = models.JSONField(default=dict, blank=True)
+
+
+class Alert(models.Model):
+    """An alert that fired. Each (period, kind, threshold) fires once: the unique
+    constraint makes that hold under concurrent events."""
+
+    class Kind(models.TextChoices):
+        USAGE_THRESHOLD = "usage_threshold", "Usage threshold reached"
+        OVERAGE_STARTED = "overage_started", "Overage started"
+        CAP_REACHED = "cap_reached", "Spend cap reached"
+        RUNAWAY_USAGE = "runaway_usage", "Runaway usage"
+        TOPUP_FAILED = "topup_failed", "Automatic top-up failed"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="alerts")
+    period = models.ForeignKey(BillingPeriod, on_delete=models.PROTECT, related_name="alerts")
+    kind = models.CharField(max_length=24, choices=Kind.choices)
+    threshold = models.PositiveIntegerField(default=0)  # percent, for usage thresholds
+    fired_at = models.DateTimeField()
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-fired_at"]
+        constraints = [models.UniqueConstraint(fields=["period", "kind", "threshold"], name="alert_fires_once")]
+
+
+class Notification(models.Model):
+    """An in-app message shown in the customer portal."""
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="notifications")
+    alert = models.ForeignKey(Alert, null=True, blank=True, on_delete=models.SET_NULL, related_name="notifications")
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True)
+    created_at = models.DateTimeField()
+    read_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["customer", "read_at"])]
+
+
+class WebhookEndpoint(models.Model):
+    """Where the business wants alerts delivered: the body is signed with HMAC-SHA256
+    of `secret`."""
+
+    url = models.URLField(max_length=500)
+    secret = models.CharField(max_length=100)
+    description = models.CharField(max_length=200, blank=True)
+    # Event types to send; empty = all.
+    event_types = models.JSONField(default=list, blank=True)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return self.url
+
+
+class WebhookDelivery(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed (gave up)"
+
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
+    alert = models.ForeignKey(Alert, null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries")
+    event_type = models.CharField(max_length=64)
+    payload = models.JSONField()
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["endpoint", "alert"], name="one_delivery_per_alert_and_endpoint")]
+
+
+# --- Purchases and automatic top-up -----------------------------------------------------------
+
+class CreditPurchase(models.Model):
+    """A credit pack bought by the customer or by automatic top-up. Credits are granted
+    once, when the purchase is paid (at once in local mode; on the payment webhook with
+    Stripe)."""
+
+    class Source(models.TextChoices):
+        MANUAL = "manual", "Bought by the customer"
+        AUTO_TOPUP = "auto_topup", "Automatic top-up"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Awaiting payment"
+        PAID = "paid", "Paid"
+        FAILED = "failed", "Payment failed"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="purchases")
+    pack = models.ForeignKey(CreditPack, on_delete=models.PROTECT, related_name="purchases")
+    source = models.CharField(max_length=16, choices=Source.choices)
+    credits = CreditField()
+    price = MoneyField()
+    currency = models.CharField(max_length=3)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    idempotency_key = models.CharField(max_length=255)
+    # The payment provider's reference (a Stripe PaymentIntent id), unique when present.
+    payment_reference = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    grant = models.OneToOneField(CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="purchase")
+    invoice = models.OneToOneField(Invoice, null=True, blank=True, on_delete=models.PROTECT, related_name="purchase")
+    created_at = models.DateTimeField()
+    paid_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["customer", "idempotency_key"],
+                                               name="unique_purchase_idempotency_key")]
+
+
+class AutoTopUp(models.Model):
+    """Automatic top-up settings: when credits remaining fall below `threshold`, buy
+    `pack` (or enough packs to refill to `target_balance`), at most `max_per_month`
+    times and `max_amount_per_month` money per calendar month (UTC)."""
+
+    class Mode(models.TextChoices):
+        PACK = "pack", "Buy one pack"
+        REFILL = "refill", "Refill to a target balance"
+
+    customer = models.OneToOneField(Customer, on_delete=models.CASCADE, related_name="auto_topup")
+    enabled = models.BooleanField(default=False)
+    mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.PACK)
+    pack = models.ForeignKey(CreditPack, on_delete=models.PROTECT, related_name="+")
+    threshold = CreditField()
+    target_balance = CreditField(null=True, blank=True)
+    max_per_month = models.PositiveIntegerField(null=True, blank=True)
+    max_amount_per_month = MoneyField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    disabled_reason = models.CharField(max_length=255, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+
+# --- Revenue recognition (ASC 606) -------------------------------------------------------------
+
+class RevenueEntry(models.Model):
+    """A revenue journal row. Money received for credits is deferred when billed or paid,
+    recognised as the credits are consumed, and recognised as breakage when they expire;
+    overage is recognised in the period of use. Amounts are exact (sub-cent); reports
+    round per line."""
+
+    class Kind(models.TextChoices):
+        DEFERRED = "deferred", "Billed or paid, deferred"
+        RECOGNISED = "recognised", "Recognised on consumption"
+        BREAKAGE = "breakage", "Recognised at expiry (breakage)"
+        OVERAGE = "overage", "Overage recognised in the period of use"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="revenue_entries")
+    kind = models.CharField(max_length=12, choices=Kind.choices)
+    amount = models.DecimalField(max_digits=30, decimal_places=10)
+    currency = models.CharField(max_length=3)
+    recognised_at = models.DateTimeField()  # the instant it belongs to (month of the report)
+    grant = models.ForeignKey(CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    ledger_entry = models.ForeignKey(LedgerEntry, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    invoice_line = models.ForeignKey(InvoiceLine, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "revenue entries"
+        ordering = ["recognised_at", "id"]
+        constraints = [
+            # Each source is journaled once per kind: re-running recognition is harmless.
+            models.UniqueConstraint(fields=["kind", "ledger_entry"], name="revenue_once_per_ledger_entry"),
+            models.UniqueConstraint(fields=["kind", "invoice_line"], name="revenue_once_per_invoice_line"),
+            models.UniqueConstraint(fields=["kind", "grant"], condition=Q(kind="deferred"),
+                                    name="deferred_once_per_grant"),
+        ]

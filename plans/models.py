@@ -72,6 +72,17 @@ class Plan(models.Model):
     rollover_policy = models.CharField(max_length=8, choices=Rollover.choices, default=Rollover.NONE)
     rollover_max_credits = CreditField(null=True, blank=True, validators=[non_negative])
     hard_limit_behaviour = models.CharField(max_length=16, choices=HardLimit.choices, default=HardLimit.BLOCK)
+    # Progressive billing: when a period's unbilled overage reaches this amount, it is
+    # invoiced at once; the period-close invoice bills only the rest. Null = off.
+    progressive_billing_threshold = MoneyField(null=True, blank=True, validators=[non_negative])
+    # Credits bought (packs, top-ups) while the customer is in overage first pay down
+    # this period's overage credits, so those are not billed again.
+    purchases_pay_down_overage = models.BooleanField(default=True)
+    # Runaway-usage guard: alert when the last hour's burn exceeds this multiple of the
+    # trailing daily average hourly burn (null = off), and optionally pause usage.
+    runaway_multiplier = models.DecimalField(max_digits=8, decimal_places=2, null=True, blank=True,
+                                             validators=[MinValueValidator(Decimal("1"))])
+    runaway_pauses_usage = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True, help_text="Inactive plans cannot be given to new customers.")
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -104,6 +104,9 @@ def open_periods(*, subscription: Subscription, until: datetime) -> list[Billing
                 source=CreditGrant.Source.PLAN_ALLOCATION, effective_at=period.start, expires_at=period.end,
                 period=period, idempotency_key=f"included:period:{period.pk}",
                 description=f"Included in {plan.name}", now=period.start,
+                # The base fee pays for the included credits (revenue is recognised
+                # as they are used; the rest at expiry).
+                cost=plan.base_price, currency=plan.currency,
             )
         created.append(period)
         last = period

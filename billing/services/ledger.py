@@ -40,7 +40,7 @@ class Reason:
 def grant_credits(*, customer: Customer, credits: Decimal, source: str, effective_at: datetime,
                   expires_at: datetime | None = None, period: BillingPeriod | None = None,
                   idempotency_key: str | None = None, features=(), description: str = "",
-                  pack=None, now: datetime) -> CreditGrant:
+                  pack=None, cost: Decimal = ZERO, currency: str = "", now: datetime) -> CreditGrant:
     """Add a bucket of credits and its `grant` entry. The caller holds the customer's
     lock. With an idempotency key, a repeat returns the first grant unchanged."""
     if credits <= ZERO:
@@ -53,6 +53,7 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
         customer=customer, source=source, credits=credits, remaining=credits,
         priority=CreditGrant.PRIORITY_BY_SOURCE[source], effective_at=effective_at, expires_at=expires_at,
         period=period, pack=pack, idempotency_key=idempotency_key, description=description,
+        cost=cost, currency=currency,
     )
     if features:
         grant.features.set(features)

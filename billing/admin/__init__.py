@@ -1,0 +1,3 @@
+"""Admin of the billing app, one module per topic (Django imports this package)."""
+
+from . import core  # noqa: F401
