@@ -108,3 +108,41 @@ def price_credits_used(plan, credits_used: Decimal, *, tiers: Iterable | None = 
     """What `plan` would bill for a period in which `credits_used` credits were used and
     only its included credits were prepaid (admin preview, plan comparison)."""
     return price_period(plan, max(credits_used - plan.included_credits, ZERO), tiers=tiers)
+
+
+@dataclass(frozen=True)
+class BandQuote:
+    """The money for the period's overage credits from `start` to `end` (cumulative),
+    when `start` of them were already billed: what a later invoice adds."""
+
+    currency: str
+    start: Decimal
+    end: Decimal
+    tiers: tuple[TierCharge, ...]  # only the part of each tier inside the band
+    amount: Decimal
+
+    @property
+    def credits(self) -> Decimal:
+        return self.end - self.start
+
+
+def price_overage_band(plan, start: Decimal, end: Decimal, *, tiers: Iterable | None = None) -> BandQuote:
+    """Price the overage credits between `start` and `end` of a period.
+
+    The amount is price(end) − price(start), each rounded once: however a period's
+    overage is split across invoices (progressive billing, then the close), the
+    invoices add up to exactly the price of the whole, and no credit is billed twice.
+    """
+    if end < start:
+        raise ValueError("a band cannot end before it starts")
+    tiers = list(plan.overage_tiers.all()) if tiers is None else list(tiers)
+    whole, before = price_overage(plan, end, tiers=tiers), price_overage(plan, start, tiers=tiers)
+    inside = []
+    for tier in whole.tiers:
+        top = tier.lower + tier.credits
+        low = max(tier.lower, start)
+        if top > low:
+            credits = top - low
+            inside.append(TierCharge(low, tier.upper, credits, tier.unit_price, credits * tier.unit_price))
+    return BandQuote(currency=plan.currency, start=start, end=end, tiers=tuple(inside),
+                     amount=whole.amount - before.amount)

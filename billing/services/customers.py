@@ -45,7 +45,10 @@ def customer_create(*, external_id: str, name: str, email: str = "", plan_code: 
         customer=customer, plan=plan, started_at=started_at, billing_anchor=started_at
     )
     lock_customer(customer.pk)
-    open_periods(subscription=subscription, until=now)
+    periods = open_periods(subscription=subscription, until=now)
+    from billing.services.invoicing import invoice_subscription_start  # invoicing builds on this module
+
+    invoice_subscription_start(subscription=subscription, period=periods[0], now=now)
     return customer
 
 

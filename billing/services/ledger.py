@@ -40,9 +40,11 @@ class Reason:
 def grant_credits(*, customer: Customer, credits: Decimal, source: str, effective_at: datetime,
                   expires_at: datetime | None = None, period: BillingPeriod | None = None,
                   idempotency_key: str | None = None, features=(), description: str = "",
-                  pack=None, cost: Decimal = ZERO, currency: str = "", now: datetime) -> CreditGrant:
-    """Add a bucket of credits and its `grant` entry. The caller holds the customer's
-    lock. With an idempotency key, a repeat returns the first grant unchanged."""
+                  pack=None, cost: Decimal = ZERO, currency: str = "", now: datetime,
+                  entry_kind: str = LedgerEntry.Kind.GRANT) -> CreditGrant:
+    """Add a bucket of credits and its entry (`grant`, or `rollover` for credits carried
+    into a new period). The caller holds the customer's lock. With an idempotency key,
+    a repeat returns the first grant unchanged."""
     if credits <= ZERO:
         raise ValueError("a grant must add a positive number of credits")
     if idempotency_key:
@@ -58,7 +60,7 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
     if features:
         grant.features.set(features)
     LedgerEntry.objects.create(
-        customer=customer, kind=LedgerEntry.Kind.GRANT, credits=credits, grant=grant, period=period,
+        customer=customer, kind=entry_kind, credits=credits, grant=grant, period=period,
         effective_at=effective_at, note=description[:255],
     )
     return grant
@@ -362,12 +364,17 @@ def expire_credit_grants(*, now: datetime) -> int:
     return expired
 
 
-def expire_grant(*, grant: CreditGrant, customer: Customer, at: datetime, note: str = "Expired") -> None:
-    """Zero a grant's remaining credits with an `expire` entry (caller holds the lock)."""
+def expire_grant(*, grant: CreditGrant, customer: Customer, at: datetime, note: str = "Expired",
+                 credits: Decimal | None = None, kind: str = LedgerEntry.Kind.EXPIRE) -> Decimal:
+    """Take `credits` (default: all remaining) out of a grant with an `expire` entry, or
+    a `rollover` entry when they are carried into a new grant. Caller holds the lock.
+    Returns the credits taken."""
     grant.refresh_from_db(fields=["remaining"])
-    if grant.remaining <= ZERO:
-        return
-    LedgerEntry.objects.create(customer=customer, kind=LedgerEntry.Kind.EXPIRE, credits=-grant.remaining,
-                               grant=grant, period=grant.period, effective_at=at, note=note)
-    grant.remaining = ZERO
-    CreditGrant.objects.filter(pk=grant.pk).update(remaining=ZERO)
+    taken = grant.remaining if credits is None else min(credits, grant.remaining)
+    if taken <= ZERO:
+        return ZERO
+    LedgerEntry.objects.create(customer=customer, kind=kind, credits=-taken, grant=grant, period=grant.period,
+                               effective_at=at, note=note)
+    grant.remaining -= taken
+    CreditGrant.objects.filter(pk=grant.pk).update(remaining=grant.remaining)
+    return taken

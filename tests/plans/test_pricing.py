@@ -69,3 +69,28 @@ def test_price_is_monotonic_and_tiers_add_up(a, b):
     assert sum(t.credits for t in q_high.tiers) == high
     exact = sum(t.amount for t in q_high.tiers)
     assert abs(q_high.amount - exact) <= Decimal("0.005")
+
+
+def test_a_band_of_overage_is_priced_by_the_tiers_it_falls_in():
+    from plans.pricing import price_overage_band
+
+    plan = set_tiers(pro_plan(), ("10000", "0.002"), (None, "0.001"))
+
+    band = price_overage_band(plan, Decimal("8000"), Decimal("12000"))
+
+    assert [(t.lower, t.credits, t.unit_price) for t in band.tiers] == [
+        (Decimal("8000"), Decimal("2000"), Decimal("0.002")), (Decimal("10000"), Decimal("2000"), Decimal("0.001"))]
+    assert band.amount == Decimal("6.00")
+
+
+@given(cuts=st.lists(st.decimals(min_value=0, max_value=10**6, places=3), max_size=6))
+def test_splitting_a_periods_overage_into_bands_never_changes_the_total(cuts):
+    from plans.pricing import price_overage_band
+
+    plan = set_tiers(pro_plan(), ("1000", "0.0033"), (None, "0.0017"))
+    points = [Decimal(0), *sorted(cuts)]
+    total = points[-1]
+
+    billed = sum(price_overage_band(plan, a, b).amount for a, b in zip(points, points[1:]))
+
+    assert billed == price_overage(plan, total).amount

@@ -1,0 +1,266 @@
+"""Invoices: gap-free numbering, the period close, the upcoming invoice, receipts.
+
+The period close is one transaction per (subscription, period) under the customer's
+lock: open the next period, roll over or expire the closed period's included credits,
+write the invoice (overage for the closed period, base fee in advance for the next),
+mark the period closed. A crash anywhere rolls all of it back, and a second run — or a
+second worker — finds the period closed and returns the same invoice. The upcoming
+invoice is built by the same `build_close_invoice`, without saving it.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max
+
+from billing.errors import BillingError, NotFound
+from billing.models import (
+    BillingPeriod, CreditGrant, Customer, Invoice, InvoiceLine, InvoiceNumberSequence, LedgerEntry, Subscription,
+)
+from billing.periods import period_index_at, period_start
+from billing.services.customers import open_periods
+from billing.services.ledger import expire_grant, grant_credits
+from billing.services.locks import lock_customer
+from plans.models import Plan
+from plans.money import ZERO, format_credits, round_money
+from plans.pricing import price_overage_band
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftLine:
+    kind: str
+    description: str
+    amount: Decimal
+    credits: Decimal | None = None
+    unit_price: Decimal | None = None
+    service_start: datetime | None = None
+    service_end: datetime | None = None
+    period: BillingPeriod | None = None
+    overage_from: Decimal | None = None
+    overage_to: Decimal | None = None
+    through_entry_id: int | None = None
+    tiers: list = field(default_factory=list)
+
+
+@dataclass
+class DraftInvoice:
+    customer: Customer
+    kind: str
+    currency: str
+    subscription: Subscription | None = None
+    period: BillingPeriod | None = None
+    lines: list[DraftLine] = field(default_factory=list)
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.amount for line in self.lines), ZERO)
+
+
+# --- Building lines ---------------------------------------------------------------------
+
+def base_fee_line(plan: Plan, start: datetime, end: datetime) -> DraftLine | None:
+    """The base fee, billed in advance for [start, end). Pure usage-based plans have none."""
+    if plan.base_price <= ZERO:
+        return None
+    return DraftLine(kind=InvoiceLine.Kind.BASE_FEE, description=f"{plan.name} base fee",
+                     amount=round_money(plan.base_price, plan.currency), service_start=start, service_end=end)
+
+
+def overage_billed_through(period: BillingPeriod) -> Decimal:
+    """Overage credits of `period` already on an invoice (progressive billing). Bands of
+    void invoices count as billed: voiding waives them, it does not re-bill them."""
+    return InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
+        through=Max("overage_to"))["through"] or ZERO
+
+
+def overage_line(period: BillingPeriod, *, upto: Decimal | None = None) -> DraftLine | None:
+    """The not-yet-invoiced overage of `period` (up to `upto` overage credits), priced
+    through the period's plan, with its tiers and a link to the usage behind it."""
+    plan = period.plan
+    start = overage_billed_through(period)
+    end = period.overage_credits if upto is None else upto
+    if end <= start:
+        return None
+    band = price_overage_band(plan, start, end)
+    through_entry_id = LedgerEntry.objects.filter(period=period, kind=LedgerEntry.Kind.OVERAGE).aggregate(
+        last=Max("id"))["last"]
+    flat = len({tier.unit_price for tier in band.tiers}) == 1
+    if not plan.overage_enabled:
+        description = f"Usage beyond the plan's credits, not billed: {format_credits(band.credits)} credits"
+    else:
+        description = f"Overage: {format_credits(band.credits)} credits"
+    return DraftLine(
+        kind=InvoiceLine.Kind.OVERAGE, description=description, amount=band.amount, credits=band.credits,
+        unit_price=band.tiers[0].unit_price if flat and band.tiers else None,
+        service_start=period.start, service_end=period.end, period=period, overage_from=start, overage_to=end,
+        through_entry_id=through_entry_id,
+        tiers=[{"lower": str(t.lower), "upper": None if t.upper is None else str(t.upper), "credits": str(t.credits),
+                "unit_price": str(t.unit_price), "amount": str(t.amount)} for t in band.tiers],
+    )
+
+
+def next_period_terms(period: BillingPeriod) -> tuple[Plan, datetime, datetime] | None:
+    """(plan, start, end) of the period after `period`, if the subscription goes on."""
+    subscription = period.subscription
+    if subscription.status == Subscription.Status.CANCELED:
+        return None
+    following = BillingPeriod.objects.select_related("plan").filter(subscription=subscription,
+                                                                     start=period.end).first()
+    if following is not None:
+        return following.plan, following.start, following.end
+    plan = subscription.pending_plan or subscription.plan
+    index = period_index_at(subscription.billing_anchor, subscription.plan.interval, period.start) + 1
+    return plan, period.end, period_start(subscription.billing_anchor, plan.interval, index + 1)
+
+
+def build_close_invoice(period: BillingPeriod) -> DraftInvoice:
+    """What closing `period` bills: its remaining overage, and the next period's base fee
+    in advance. The real close and the upcoming invoice both use this."""
+    draft = DraftInvoice(customer=period.customer, kind=Invoice.Kind.PERIOD_CLOSE, currency=period.plan.currency,
+                         subscription=period.subscription, period=period)
+    line = overage_line(period)
+    if line is not None:
+        draft.lines.append(line)
+    terms = next_period_terms(period)
+    if terms is not None:
+        fee = base_fee_line(*terms)
+        if fee is not None:
+            draft.lines.append(fee)
+    return draft
+
+
+# --- Writing invoices ---------------------------------------------------------------------
+
+def next_invoice_number() -> str:
+    """The next number of the gap-free sequence (caller's transaction holds the row)."""
+    InvoiceNumberSequence.objects.get_or_create(name="invoice")
+    sequence = InvoiceNumberSequence.objects.select_for_update().get(name="invoice")
+    sequence.last_value += 1
+    sequence.save(update_fields=["last_value"])
+    return f"{settings.OVERAGE_INVOICE_PREFIX}-{sequence.last_value:06d}"
+
+
+def issue_invoice(draft: DraftInvoice, *, now: datetime, idempotency_key: str | None = None,
+                  paid: bool = False) -> Invoice:
+    """Write `draft` as an issued invoice (paid at once when it totals zero or `paid`)."""
+    assert transaction.get_connection().in_atomic_block, "issue_invoice needs the caller's transaction"
+    total = draft.total
+    settled = paid or total == ZERO
+    invoice = Invoice.objects.create(
+        number=next_invoice_number(), customer=draft.customer, subscription=draft.subscription, period=draft.period,
+        kind=draft.kind, currency=draft.currency, total=total,
+        status=Invoice.Status.PAID if settled else Invoice.Status.ISSUED,
+        issued_at=now, due_at=now + timedelta(days=settings.OVERAGE_INVOICE_DUE_DAYS),
+        paid_at=now if settled else None, idempotency_key=idempotency_key,
+    )
+    InvoiceLine.objects.bulk_create(
+        InvoiceLine(invoice=invoice, kind=line.kind, description=line.description[:255], credits=line.credits,
+                    unit_price=line.unit_price, amount=line.amount, service_start=line.service_start,
+                    service_end=line.service_end, period=line.period, overage_from=line.overage_from,
+                    overage_to=line.overage_to, through_entry_id=line.through_entry_id, tiers=line.tiers)
+        for line in draft.lines
+    )
+    return invoice
+
+
+def invoice_subscription_start(*, subscription: Subscription, period: BillingPeriod, now: datetime) -> Invoice | None:
+    """The first period's base fee, in advance, when a subscription starts."""
+    fee = base_fee_line(period.plan, period.start, period.end)
+    if fee is None:
+        return None
+    draft = DraftInvoice(customer=subscription.customer, kind=Invoice.Kind.SUBSCRIPTION_START,
+                         currency=period.plan.currency, subscription=subscription, lines=[fee])
+    return issue_invoice(draft, now=now, idempotency_key=f"subscription-start:{subscription.pk}")
+
+
+# --- Closing periods ----------------------------------------------------------------------
+
+def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod | None, now: datetime) -> None:
+    """Roll the closed period's unused included credits into the next period, as far as
+    the plan allows, and expire the rest. Rolled-over credits last one period and carry
+    their share of the cost basis with them."""
+    customer, plan = period.customer, period.plan
+    for grant in CreditGrant.objects.filter(period=period, source=CreditGrant.Source.PLAN_ALLOCATION):
+        carry = ZERO
+        if next_period is not None and plan.rollover_policy == Plan.Rollover.ALL:
+            carry = grant.remaining
+        elif next_period is not None and plan.rollover_policy == Plan.Rollover.CAPPED:
+            carry = min(grant.remaining, plan.rollover_max_credits or ZERO)
+        if carry > ZERO:
+            expire_grant(grant=grant, customer=customer, at=period.end, credits=carry, kind=LedgerEntry.Kind.ROLLOVER,
+                         note=f"Rolled over into the period starting {next_period.start:%Y-%m-%d}")
+            grant_credits(
+                customer=customer, credits=carry, source=CreditGrant.Source.ROLLOVER, effective_at=next_period.start,
+                expires_at=next_period.end, period=next_period, idempotency_key=f"rollover:period:{period.pk}",
+                description=f"Rolled over from {period.start:%Y-%m-%d}–{period.end:%Y-%m-%d}",
+                cost=(grant.cost * carry / grant.credits) if grant.credits else ZERO, currency=grant.currency,
+                now=now, entry_kind=LedgerEntry.Kind.ROLLOVER,
+            )
+        expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired")
+    # Other credits that expired with the period (e.g. earlier rollovers) leave the ledger now too.
+    for grant in CreditGrant.objects.filter(customer=customer, remaining__gt=0, expires_at__lte=period.end).exclude(
+            source=CreditGrant.Source.PLAN_ALLOCATION):
+        expire_grant(grant=grant, customer=customer, at=grant.expires_at)
+
+
+@transaction.atomic
+def close_period(*, period_id: int, now: datetime) -> Invoice:
+    """Close one period, exactly once. Returns its invoice (the existing one if it was
+    closed already)."""
+    customer_id = BillingPeriod.objects.filter(pk=period_id).values_list("customer_id", flat=True).first()
+    if customer_id is None:
+        raise NotFound("No such billing period.", code="period_not_found")
+    lock_customer(customer_id)
+    period = BillingPeriod.objects.select_related("plan", "subscription", "customer").get(pk=period_id)
+    if period.status == BillingPeriod.Status.CLOSED:
+        return Invoice.objects.get(period=period, kind=Invoice.Kind.PERIOD_CLOSE)
+    if now < period.end + timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS):
+        raise BillingError("This period is still open for late events.", code="period_not_due")
+    subscription = period.subscription
+    next_period = None
+    if subscription.status != Subscription.Status.CANCELED:
+        open_periods(subscription=subscription, until=period.end)
+        next_period = BillingPeriod.objects.get(subscription=subscription, start=period.end)
+    _settle_included_credits(period, next_period, now)
+    invoice = issue_invoice(build_close_invoice(period), now=now)
+    period.status = BillingPeriod.Status.CLOSED
+    period.closed_at = now
+    period.save(update_fields=["status", "closed_at"])
+    return invoice
+
+
+def due_periods(now: datetime):
+    cutoff = now - timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
+    return BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, end__lte=cutoff).order_by("end", "pk")
+
+
+def close_due_periods(*, now: datetime, customer: Customer | None = None) -> list[Invoice]:
+    """Close every period whose end plus the grace window has passed, oldest first, each
+    in its own transaction. Closing a period opens the next, which may be due too, so
+    this runs until nothing new is due. One failing period is logged and retried on the
+    next run; it does not stop the others."""
+    invoices, attempted = [], set()
+    while True:
+        periods = due_periods(now).exclude(pk__in=attempted)
+        if customer is not None:
+            periods = periods.filter(customer=customer)
+        batch = list(periods.values_list("pk", flat=True)[:500])
+        if not batch:
+            return invoices
+        for period_id in batch:
+            attempted.add(period_id)
+            try:
+                invoices.append(close_period(period_id=period_id, now=now))
+            except Exception:
+                log.exception("closing billing period %s failed; it stays open and is retried next run", period_id)
+
+
+def upcoming_invoice(*, period: BillingPeriod) -> DraftInvoice:
+    """The invoice the current period would produce if it closed now."""
+    return build_close_invoice(period)
