@@ -182,4 +182,5 @@ LOGGING = {
 # edited in the admin.
 CELERY_BEAT_SCHEDULE = {
     "expire-credit-grants": {"task": "billing.tasks.expire_credit_grants_task", "schedule": 300.0},
+    "close-due-periods": {"task": "billing.tasks.close_due_periods_task", "schedule": 300.0},
 }
