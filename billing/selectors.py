@@ -4,9 +4,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import Sum
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
 
-from billing.models import BillingPeriod, CreditGrant, Customer, ReservationHold, UsageRollup
+from billing.models import (
+    BillingPeriod, CreditGrant, Customer, InvoiceLine, LedgerEntry, ReservationHold, UsageRollup,
+)
 from billing.services.customers import current_period
 from billing.services.ledger import active_reservations, effective_overage_cap
 from plans.money import ZERO, credits_total
@@ -112,3 +115,38 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
         ],
     )
 
+
+
+@dataclass
+class LineUsage:
+    """The usage behind an overage line: its overage credits by feature and by UTC day."""
+
+    by_feature: list[dict]
+    by_day: list[dict]
+    entries: object  # the overage ledger entries (a queryset), for paging through events
+
+
+def overage_line_usage(line) -> LineUsage:
+    """Drill down from an overage invoice line to the overage entries it billed: those
+    of its period after the previous overage line's last entry, up to its own."""
+    previous = (
+        InvoiceLine.objects.filter(period=line.period, kind=InvoiceLine.Kind.OVERAGE, overage_to__lte=line.overage_from)
+        .exclude(pk=line.pk).order_by("-overage_to").values_list("through_entry_id", flat=True).first()
+    )
+    entries = LedgerEntry.objects.filter(period=line.period, kind=LedgerEntry.Kind.OVERAGE,
+                                         id__lte=line.through_entry_id or 0)
+    if previous:
+        entries = entries.filter(id__gt=previous)
+    by_feature = [
+        {"feature": row["feature__code"], "overage_credits": -credits_total(row["credits"]), "events": row["events"]}
+        for row in entries.order_by().values("feature__code").annotate(credits=Sum("credits"),
+                                                                       events=Count("event", distinct=True))
+        .order_by("feature__code")
+    ]
+    by_day = [
+        {"day": row["day"], "overage_credits": -credits_total(row["credits"])}
+        for row in entries.order_by().annotate(day=TruncDate("effective_at")).values("day")
+        .annotate(credits=Sum("credits")).order_by("day")
+    ]
+    return LineUsage(by_feature=by_feature, by_day=by_day,
+                     entries=entries.select_related("event", "feature").order_by("effective_at", "id"))

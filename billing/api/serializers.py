@@ -11,7 +11,9 @@ from rest_framework import serializers
 from billing.models import CreditGrant, UsageEvent
 from plans.models import Plan
 
-from .fields import CreditsField, CurrencyAmounts, MoneyField, RateField
+from plans.money import minor_unit_exponent
+
+from .fields import CreditsField, CurrencyAmounts, MoneyField, RateField, decimal_string
 
 POSITIVE = Decimal("0.000001")
 # Credits per unit are bounded so that quantity × cost always fits the credit columns.
@@ -302,3 +304,104 @@ class GrantSerializer(serializers.Serializer):
     def get_features(self, grant) -> list[str]:
         return sorted(f.code for f in grant.features.all())
 
+
+
+# --- Invoices -------------------------------------------------------------------------
+
+class InvoiceLineUsageSerializer(serializers.Serializer):
+    period_start = serializers.DateTimeField()
+    period_end = serializers.DateTimeField()
+    overage_from = CreditsField(help_text="The period's cumulative overage credits where this line starts.")
+    overage_to = CreditsField()
+
+
+class InvoiceLineSerializer(serializers.Serializer):
+    id = serializers.IntegerField(allow_null=True)
+    kind = serializers.CharField()
+    description = serializers.CharField()
+    credits = CreditsField(allow_null=True)
+    unit_price = RateField(allow_null=True, help_text="Null when several tier prices apply; see tiers.")
+    amount = MoneyField()
+    service_start = serializers.DateTimeField(allow_null=True)
+    service_end = serializers.DateTimeField(allow_null=True)
+    tiers = serializers.ListField(child=serializers.DictField(), help_text="Graduated tiers applied to this line.")
+    usage = InvoiceLineUsageSerializer(allow_null=True, help_text="For overage lines: the usage it bills; "
+                                                                  "GET …/lines/{id}/usage drills down.")
+
+
+class InvoiceSerializer(serializers.Serializer):
+    id = serializers.CharField(allow_null=True, help_text="The invoice number; null for the upcoming invoice.")
+    customer = serializers.CharField()
+    kind = serializers.CharField()
+    status = serializers.CharField(help_text="draft | issued | paid | void, or upcoming.")
+    currency = serializers.CharField()
+    total = MoneyField()
+    issued_at = serializers.DateTimeField(allow_null=True)
+    due_at = serializers.DateTimeField(allow_null=True)
+    paid_at = serializers.DateTimeField(allow_null=True)
+    period_start = serializers.DateTimeField(allow_null=True)
+    period_end = serializers.DateTimeField(allow_null=True)
+    lines = InvoiceLineSerializer(many=True)
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        places = minor_unit_exponent(data["currency"])
+        data["total"] = decimal_string(Decimal(data["total"]), places)
+        for line in data["lines"]:
+            line["amount"] = decimal_string(Decimal(line["amount"]), places)
+        return data
+
+
+def invoice_representation(invoice=None, *, draft=None) -> dict:
+    """An issued invoice, or a draft (the upcoming invoice), as the API shows it."""
+    source = invoice or draft
+    lines = list(invoice.lines.select_related("period").order_by("id")) if invoice else draft.lines
+    period = source.period
+    return {
+        "id": invoice.number if invoice else None,
+        "customer": source.customer.external_id,
+        "kind": source.kind,
+        "status": invoice.status if invoice else "upcoming",
+        "currency": source.currency,
+        "total": invoice.total if invoice else draft.total,
+        "issued_at": invoice.issued_at if invoice else None,
+        "due_at": invoice.due_at if invoice else None,
+        "paid_at": invoice.paid_at if invoice else None,
+        "period_start": period.start if period else None,
+        "period_end": period.end if period else None,
+        "lines": [
+            {
+                "id": getattr(line, "pk", None), "kind": line.kind, "description": line.description,
+                "credits": line.credits, "unit_price": line.unit_price, "amount": line.amount,
+                "service_start": line.service_start, "service_end": line.service_end, "tiers": line.tiers,
+                "usage": {"period_start": line.period.start, "period_end": line.period.end,
+                          "overage_from": line.overage_from, "overage_to": line.overage_to}
+                if line.period is not None else None,
+            }
+            for line in lines
+        ],
+    }
+
+
+class LineFeatureUsageSerializer(serializers.Serializer):
+    feature = serializers.CharField()
+    overage_credits = CreditsField()
+    events = serializers.IntegerField()
+
+
+class LineDayUsageSerializer(serializers.Serializer):
+    day = serializers.DateField()
+    overage_credits = CreditsField()
+
+
+class LineEventSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    feature = serializers.CharField()
+    timestamp = serializers.DateTimeField()
+    overage_credits = CreditsField()
+
+
+class LineUsageSerializer(serializers.Serializer):
+    by_feature = LineFeatureUsageSerializer(many=True)
+    by_day = LineDayUsageSerializer(many=True)
+    events = LineEventSerializer(many=True, help_text="The first 1 000 events behind the line.")

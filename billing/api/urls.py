@@ -15,5 +15,9 @@ urlpatterns = [
     path("events/batch", views.EventBatchCreate.as_view(), name="events-batch"),
     path("entitlements/check", views.EntitlementCheck.as_view(), name="entitlement-check"),
     path("reservations/<uuid:reservation_id>/release", views.ReservationRelease.as_view(), name="reservation-release"),
+    path("customers/<str:external_id>/invoices", views.CustomerInvoiceList.as_view(), name="customer-invoices"),
+    path("customers/<str:external_id>/invoices/upcoming", views.UpcomingInvoice.as_view(), name="upcoming-invoice"),
+    path("invoices/<str:number>", views.InvoiceDetail.as_view(), name="invoice-detail"),
+    path("invoices/<str:number>/lines/<int:line_id>/usage", views.InvoiceLineUsage.as_view(), name="line-usage"),
     re_path(r"^.*$", views.api_not_found),  # last: anything else under /api/v1/
 ]

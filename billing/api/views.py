@@ -9,7 +9,9 @@ from rest_framework.views import APIView
 from billing import selectors
 from billing.errors import BillingError, NotFound
 from billing.services import customers as customer_services
+from billing.models import Invoice
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
+from billing.services.invoicing import upcoming_invoice
 from billing.services.ledger import grant_credits_once
 from billing.services.metering import EventInput, record_event, record_events
 from plans import services as plan_services
@@ -264,6 +266,65 @@ class CustomerGrantCreate(ScopedView):
             description=data["description"], now=now,
         )
         return Response(s.GrantSerializer(grant).data, status=201 if created else 200)
+
+
+# --- Invoices ---------------------------------------------------------------------------
+
+def _invoice(number: str) -> Invoice:
+    invoice = Invoice.objects.select_related("customer", "period").filter(number=number).first()
+    if invoice is None:
+        raise NotFound(f"No invoice {number!r}.", code="invoice_not_found")
+    return invoice
+
+
+class CustomerInvoiceList(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.InvoiceSerializer(many=True))
+    def get(self, request, external_id):
+        customer = customer_services.customer_get(external_id)
+        invoices = customer.invoices.select_related("customer", "period").order_by("-issued_at", "-id")
+        return Response([s.InvoiceSerializer(s.invoice_representation(i)).data for i in invoices])
+
+
+class InvoiceDetail(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.InvoiceSerializer)
+    def get(self, request, number):
+        return Response(s.InvoiceSerializer(s.invoice_representation(_invoice(number))).data)
+
+
+class UpcomingInvoice(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.InvoiceSerializer,
+                   description="The invoice the current period would produce if it closed now, computed by the "
+                               "same code as the real close.")
+    def get(self, request, external_id):
+        customer = customer_services.customer_get(external_id)
+        period = customer_services.current_period(customer=customer, now=timezone.now())
+        if period is None:
+            raise BillingError("The customer has no current billing period.", code="no_subscription", status=404)
+        return Response(s.InvoiceSerializer(s.invoice_representation(draft=upcoming_invoice(period=period))).data)
+
+
+class InvoiceLineUsage(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.LineUsageSerializer)
+    def get(self, request, number, line_id):
+        line = _invoice(number).lines.filter(pk=line_id, kind="overage").select_related("period").first()
+        if line is None:
+            raise NotFound("No overage line with that id on this invoice.", code="line_not_found")
+        usage = selectors.overage_line_usage(line)
+        events = [
+            {"id": entry.event.event_id, "feature": entry.feature.code, "timestamp": entry.effective_at,
+             "overage_credits": -entry.credits}
+            for entry in usage.entries[:1000]
+        ]
+        return Response(s.LineUsageSerializer({"by_feature": usage.by_feature, "by_day": usage.by_day,
+                                               "events": events}).data)
 
 
 def api_not_found(request, *args, **kwargs):
