@@ -123,6 +123,7 @@ class LineUsage:
 
     by_feature: list[dict]
     by_day: list[dict]
+    paid_down: Decimal  # overage credits of the band paid down by purchases (not billed)
     entries: object  # the overage ledger entries (a queryset), for paging through events
 
 
@@ -133,10 +134,13 @@ def overage_line_usage(line) -> LineUsage:
         InvoiceLine.objects.filter(period=line.period, kind=InvoiceLine.Kind.OVERAGE, overage_to__lte=line.overage_from)
         .exclude(pk=line.pk).order_by("-overage_to").values_list("through_entry_id", flat=True).first()
     )
-    entries = LedgerEntry.objects.filter(period=line.period, kind=LedgerEntry.Kind.OVERAGE,
-                                         id__lte=line.through_entry_id or 0)
+    band = LedgerEntry.objects.filter(period=line.period, kind=LedgerEntry.Kind.OVERAGE,
+                                      id__lte=line.through_entry_id or 0)
     if previous:
-        entries = entries.filter(id__gt=previous)
+        band = band.filter(id__gt=previous)
+    # Overage paid down by a purchase is a positive overage entry with no event.
+    paid_down = credits_total(band.filter(event__isnull=True).aggregate(total=Sum("credits"))["total"])
+    entries = band.filter(event__isnull=False)
     by_feature = [
         {"feature": row["feature__code"], "overage_credits": -credits_total(row["credits"]), "events": row["events"]}
         for row in entries.order_by().values("feature__code").annotate(credits=Sum("credits"),
@@ -148,5 +152,5 @@ def overage_line_usage(line) -> LineUsage:
         for row in entries.order_by().annotate(day=TruncDate("effective_at")).values("day")
         .annotate(credits=Sum("credits")).order_by("day")
     ]
-    return LineUsage(by_feature=by_feature, by_day=by_day,
+    return LineUsage(by_feature=by_feature, by_day=by_day, paid_down=paid_down,
                      entries=entries.select_related("event", "feature").order_by("effective_at", "id"))

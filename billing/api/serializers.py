@@ -405,3 +405,32 @@ class LineUsageSerializer(serializers.Serializer):
     by_feature = LineFeatureUsageSerializer(many=True)
     by_day = LineDayUsageSerializer(many=True)
     events = LineEventSerializer(many=True, help_text="The first 1 000 events behind the line.")
+
+
+# --- Packs and purchases --------------------------------------------------------------------
+
+class CreditPackSerializer(CurrencyAmounts, serializers.Serializer):
+    code = serializers.CharField()
+    name = serializers.CharField()
+    credits = CreditsField()
+    price = MoneyField()
+    currency = serializers.CharField()
+    expires_after_days = serializers.IntegerField(allow_null=True)
+
+
+class PackPurchaseRequestSerializer(serializers.Serializer):
+    pack = serializers.CharField(max_length=64, help_text="Pack code.")
+    idempotency_key = serializers.CharField(max_length=255)
+
+
+class PurchaseSerializer(CurrencyAmounts, serializers.Serializer):
+    id = serializers.IntegerField()
+    pack = serializers.CharField(source="pack.code")
+    source = serializers.CharField()
+    credits = CreditsField()
+    price = MoneyField()
+    currency = serializers.CharField()
+    status = serializers.CharField(help_text="pending (awaiting payment) | paid | failed")
+    invoice = serializers.CharField(source="invoice.number", allow_null=True, help_text="The receipt's number.")
+    created_at = serializers.DateTimeField()
+    paid_at = serializers.DateTimeField(allow_null=True)

@@ -18,6 +18,8 @@ urlpatterns = [
     path("customers/<str:external_id>/invoices", views.CustomerInvoiceList.as_view(), name="customer-invoices"),
     path("customers/<str:external_id>/invoices/upcoming", views.UpcomingInvoice.as_view(), name="upcoming-invoice"),
     path("invoices/<str:number>", views.InvoiceDetail.as_view(), name="invoice-detail"),
+    path("packs", views.PackList.as_view(), name="packs"),
+    path("customers/<str:external_id>/packs", views.CustomerPackPurchase.as_view(), name="customer-packs"),
     path("invoices/<str:number>/lines/<int:line_id>/usage", views.InvoiceLineUsage.as_view(), name="line-usage"),
     re_path(r"^.*$", views.api_not_found),  # last: anything else under /api/v1/
 ]

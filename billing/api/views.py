@@ -13,9 +13,10 @@ from billing.models import Invoice
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
 from billing.services.invoicing import upcoming_invoice
 from billing.services.ledger import grant_credits_once
+from billing.services.purchases import purchase_pack
 from billing.services.metering import EventInput, record_event, record_events
 from plans import services as plan_services
-from plans.models import Feature, Plan
+from plans.models import CreditPack, Feature, Plan
 
 from . import serializers as s
 from .errors import error_body, validation_error_body
@@ -325,6 +326,31 @@ class InvoiceLineUsage(ScopedView):
         ]
         return Response(s.LineUsageSerializer({"by_feature": usage.by_feature, "by_day": usage.by_day,
                                                "events": events}).data)
+
+
+# --- Packs ------------------------------------------------------------------------------
+
+class PackList(ScopedView):
+    required_scope = "read"
+
+    @extend_schema(responses=s.CreditPackSerializer(many=True))
+    def get(self, request):
+        return Response(s.CreditPackSerializer(CreditPack.objects.filter(is_active=True), many=True).data)
+
+
+class CustomerPackPurchase(ScopedView):
+    required_scope = "admin"
+
+    @extend_schema(request=s.PackPurchaseRequestSerializer, responses={201: s.PurchaseSerializer,
+                                                                        200: s.PurchaseSerializer},
+                   description="Buy a credit pack. Local mode: paid and granted at once, with a paid receipt. "
+                               "Idempotent by idempotency_key.")
+    def post(self, request, external_id):
+        data = _valid(s.PackPurchaseRequestSerializer, request.data)
+        customer = customer_services.customer_get(external_id)
+        purchase, created = purchase_pack(customer=customer, pack_code=data["pack"],
+                                          idempotency_key=data["idempotency_key"], now=timezone.now())
+        return Response(s.PurchaseSerializer(purchase).data, status=201 if created else 200)
 
 
 def api_not_found(request, *args, **kwargs):
