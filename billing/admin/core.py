@@ -23,6 +23,7 @@ from billing.models import (
 from billing.selectors import balance_at
 from billing.services.api_keys import api_key_create, api_key_revoke
 from billing.services.customers import customer_create, live_subscription
+from billing.services.invoicing import close_period
 from billing.services.ledger import check_grant_request, grant_credits_once
 from plans.money import format_credits, format_money
 from plans.errors import DomainError
@@ -157,9 +158,21 @@ class BillingPeriodAdmin(ReadOnlyAdmin):
     date_hierarchy = "start"
     list_select_related = ("customer", "plan")
     readonly_fields = ("overage_amount",)
+    actions = ("close_now",)
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("plan__overage_tiers")
+
+    @admin.action(description="Close selected ended periods now (skips the late-event grace window)")
+    def close_now(self, request, queryset):
+        now = timezone.now()
+        for period in queryset.order_by("end"):
+            try:
+                invoice = close_period(period_id=period.pk, now=now, skip_grace=True)
+                messages.success(request, f"{period}: closed, invoice {invoice.number} ({invoice.total} "
+                                          f"{invoice.currency}).")
+            except DomainError as error:
+                messages.error(request, f"{period}: {error.message}")
 
     @admin.display(description="Overage amount")
     def overage_amount(self, period):
@@ -281,6 +294,12 @@ class LedgerEntryAdmin(ReadOnlyAdmin):
 
 @admin.register(UsageEvent)
 class UsageEventAdmin(ReadOnlyAdmin):
+    # An invoice's overage line links here, filtered to the period's overage events.
+    DRILL_DOWN_LOOKUPS = {"period__id__exact", "overage_credits__gt"}
+
+    def lookup_allowed(self, lookup, value, request=None):
+        return lookup in self.DRILL_DOWN_LOOKUPS or super().lookup_allowed(lookup, value, request)
+
     list_display = ("event_id", "customer", "feature", "quantity", "credits", "overage_credits", "status",
                     "reject_reason", "timestamp")
     list_filter = ("status", "feature")

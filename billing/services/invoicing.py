@@ -210,9 +210,10 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
 
 
 @transaction.atomic
-def close_period(*, period_id: int, now: datetime) -> Invoice:
+def close_period(*, period_id: int, now: datetime, skip_grace: bool = False) -> Invoice:
     """Close one period, exactly once. Returns its invoice (the existing one if it was
-    closed already)."""
+    closed already). `skip_grace` (an admin's "close now") closes an ended period
+    before its grace window is over; later late events for it are then refused."""
     customer_id = BillingPeriod.objects.filter(pk=period_id).values_list("customer_id", flat=True).first()
     if customer_id is None:
         raise NotFound("No such billing period.", code="period_not_found")
@@ -220,8 +221,10 @@ def close_period(*, period_id: int, now: datetime) -> Invoice:
     period = BillingPeriod.objects.select_related("plan", "subscription", "customer").get(pk=period_id)
     if period.status == BillingPeriod.Status.CLOSED:
         return Invoice.objects.get(period=period, kind=Invoice.Kind.PERIOD_CLOSE)
-    if now < period.end + timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS):
-        raise BillingError("This period is still open for late events.", code="period_not_due")
+    grace = timedelta(seconds=0 if skip_grace else settings.OVERAGE_PERIOD_GRACE_SECONDS)
+    if now < period.end + grace:
+        raise BillingError("This period has not ended yet." if now < period.end
+                           else "This period is still open for late events.", code="period_not_due")
     subscription = period.subscription
     next_period = None
     if subscription.status != Subscription.Status.CANCELED:
@@ -264,3 +267,30 @@ def close_due_periods(*, now: datetime, customer: Customer | None = None) -> lis
 def upcoming_invoice(*, period: BillingPeriod) -> DraftInvoice:
     """The invoice the current period would produce if it closed now."""
     return build_close_invoice(period)
+
+
+@transaction.atomic
+def invoice_mark_paid(*, invoice: Invoice, now: datetime) -> Invoice:
+    """Local invoicing: an admin records the payment of an issued invoice."""
+    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
+    if invoice.status == Invoice.Status.PAID:
+        return invoice
+    if invoice.status != Invoice.Status.ISSUED:
+        raise BillingError(f"A {invoice.status} invoice cannot be marked paid.", code="invoice_not_payable")
+    invoice.status, invoice.paid_at = Invoice.Status.PAID, now
+    invoice.save(update_fields=["status", "paid_at"])
+    return invoice
+
+
+@transaction.atomic
+def invoice_void(*, invoice: Invoice, now: datetime) -> Invoice:
+    """Cancel an unpaid invoice. Its usage is waived, not billed again (see
+    `overage_billed_through`). A paid invoice is refunded, not voided."""
+    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
+    if invoice.status == Invoice.Status.VOID:
+        return invoice
+    if invoice.status != Invoice.Status.ISSUED:
+        raise BillingError(f"A {invoice.status} invoice cannot be voided.", code="invoice_not_voidable")
+    invoice.status, invoice.voided_at = Invoice.Status.VOID, now
+    invoice.save(update_fields=["status", "voided_at"])
+    return invoice
