@@ -106,7 +106,7 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
         period=period,
         balance=balance_at(customer, balance_instant, now, with_holds=is_current),
         quote=price_period(plan, period.overage_credits),
-        spend_cap=effective_overage_cap(plan, customer),
+        spend_cap=effective_overage_cap(plan, customer, period),
         by_feature=[
             FeatureUsage(r["feature__code"], r["feature__name"], r["feature__unit"], r["events"],
                          credits_total(r["quantity"]), credits_total(r["credits"]),

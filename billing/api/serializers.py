@@ -434,3 +434,24 @@ class PurchaseSerializer(CurrencyAmounts, serializers.Serializer):
     invoice = serializers.CharField(source="invoice.number", allow_null=True, help_text="The receipt's number.")
     created_at = serializers.DateTimeField()
     paid_at = serializers.DateTimeField(allow_null=True)
+
+
+# --- Spend caps -------------------------------------------------------------------------------
+
+class SpendCapRequestSerializer(serializers.Serializer):
+    spend_cap = MoneyField(min_value=Decimal("0"), allow_null=True,
+                           help_text="The customer's own monthly overage cap; null removes it. Cannot exceed the "
+                                     "business's cap.")
+
+
+class CapApprovalRequestSerializer(serializers.Serializer):
+    cap = MoneyField(min_value=Decimal("0"), help_text="The higher overage cap approved for the current period.")
+    note = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+
+
+class SpendCapSerializer(CurrencyAmounts, serializers.Serializer):
+    currency = serializers.CharField()
+    business_cap = MoneyField(allow_null=True, help_text="The plan's cap, or the per-customer override.")
+    spend_cap = MoneyField(allow_null=True, help_text="The customer's own cap.")
+    effective_cap = MoneyField(allow_null=True, help_text="The cap in force this period (after approvals).")
+    cap_behaviour = serializers.CharField()

@@ -19,6 +19,9 @@ urlpatterns = [
     path("customers/<str:external_id>/invoices/upcoming", views.UpcomingInvoice.as_view(), name="upcoming-invoice"),
     path("invoices/<str:number>", views.InvoiceDetail.as_view(), name="invoice-detail"),
     path("packs", views.PackList.as_view(), name="packs"),
+    path("customers/<str:external_id>/spend-cap", views.CustomerSpendCap.as_view(), name="spend-cap"),
+    path("customers/<str:external_id>/spend-cap/approvals", views.CustomerCapApproval.as_view(),
+         name="spend-cap-approvals"),
     path("customers/<str:external_id>/packs", views.CustomerPackPurchase.as_view(), name="customer-packs"),
     path("invoices/<str:number>/lines/<int:line_id>/usage", views.InvoiceLineUsage.as_view(), name="line-usage"),
     re_path(r"^.*$", views.api_not_found),  # last: anything else under /api/v1/

@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from billing import selectors
 from billing.errors import BillingError, NotFound
+from billing.services import caps
 from billing.services import customers as customer_services
 from billing.models import Invoice
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
@@ -351,6 +352,49 @@ class CustomerPackPurchase(ScopedView):
         purchase, created = purchase_pack(customer=customer, pack_code=data["pack"],
                                           idempotency_key=data["idempotency_key"], now=timezone.now())
         return Response(s.PurchaseSerializer(purchase).data, status=201 if created else 200)
+
+
+# --- Spend caps -------------------------------------------------------------------------------
+
+def _caps_out(customer) -> dict:
+    period = customer_services.current_period(customer=customer, now=timezone.now())
+    if period is None:
+        raise BillingError("The customer has no current billing period.", code="no_subscription", status=404)
+    customer.refresh_from_db()
+    return s.SpendCapSerializer({
+        "currency": period.plan.currency, "business_cap": caps.business_cap(period.plan, customer),
+        "spend_cap": customer.spend_cap, "effective_cap": caps.effective_overage_cap(period.plan, customer, period),
+        "cap_behaviour": period.plan.cap_behaviour,
+    }).data
+
+
+class CustomerSpendCap(ScopedView):
+    required_scopes = {"GET": "read", "PUT": "admin"}
+
+    @extend_schema(responses=s.SpendCapSerializer)
+    def get(self, request, external_id):
+        return Response(_caps_out(customer_services.customer_get(external_id)))
+
+    @extend_schema(request=s.SpendCapRequestSerializer, responses=s.SpendCapSerializer,
+                   description="Set the customer's own overage cap (it can only lower the business's cap).")
+    def put(self, request, external_id):
+        data = _valid(s.SpendCapRequestSerializer, request.data)
+        customer = customer_services.customer_get(external_id)
+        caps.customer_set_spend_cap(customer=customer, spend_cap=data["spend_cap"], now=timezone.now())
+        return Response(_caps_out(customer))
+
+
+class CustomerCapApproval(ScopedView):
+    required_scope = "admin"
+
+    @extend_schema(request=s.CapApprovalRequestSerializer, responses={201: s.SpendCapSerializer},
+                   description="Approve a higher overage cap for the current period (plans with cap behaviour "
+                               "`approval`).")
+    def post(self, request, external_id):
+        data = _valid(s.CapApprovalRequestSerializer, request.data)
+        customer = customer_services.customer_get(external_id)
+        caps.approve_higher_cap(customer=customer, cap=data["cap"], note=data["note"], now=timezone.now())
+        return Response(_caps_out(customer), status=201)
 
 
 def api_not_found(request, *args, **kwargs):

@@ -17,6 +17,7 @@ from billing.models import (
     BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, Subscription,
     UsageEvent, UsageRollup,
 )
+from billing.services.caps import effective_overage_cap  # noqa: F401 - also imported from here
 from billing.services.locks import lock_customer
 from plans.models import Feature, Plan
 from plans.money import ZERO
@@ -143,11 +144,6 @@ def active_reservations(customer: Customer, now: datetime):
     return Reservation.objects.filter(customer=customer, status=Reservation.Status.ACTIVE, expires_at__gt=now)
 
 
-def effective_overage_cap(plan: Plan, customer: Customer) -> Decimal | None:
-    """The overage money cap in force for this customer (None = uncapped)."""
-    return plan.overage_cap
-
-
 class CustomerLedger:
     """One customer's credit position, loaded once, and the charges decided and written
     against it.
@@ -191,6 +187,7 @@ class CustomerLedger:
         self._dirty_grants: dict[int, CreditGrant] = {}
         self._settled: list = []
         self._rollups: dict[tuple, list] = {}
+        self._caps: dict[int, Decimal | None] = {}
 
     # -- deciding --
 
@@ -246,7 +243,7 @@ class CustomerLedger:
                 return self._refused(result, Reason.INSUFFICIENT_CREDITS, estimate(committed_overage))
             quote_after = price_overage(plan, committed_overage + need)
             amount_after = quote_after.amount
-            cap = effective_overage_cap(plan, self.customer)
+            cap = self._cap(period)
             # Compared before rounding: a $0 cap admits no overage at all, not the
             # fraction of a cent that rounds to $0.00.
             if plan.overage_enabled and cap is not None and quote_after.exact_amount > cap:
@@ -256,6 +253,11 @@ class CustomerLedger:
         else:
             result.estimated_overage_amount = estimate(committed_overage)
         return result
+
+    def _cap(self, period: BillingPeriod) -> Decimal | None:
+        if period.pk not in self._caps:
+            self._caps[period.pk] = effective_overage_cap(period.plan, self.customer, period)
+        return self._caps[period.pk]
 
     @staticmethod
     def _refused(result: ChargePlan, reason: str, estimate: Decimal) -> ChargePlan:
