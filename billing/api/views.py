@@ -14,6 +14,7 @@ from billing.models import Invoice
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
 from billing.services.invoicing import upcoming_invoice
 from billing.services.ledger import grant_credits_once
+from billing.services.plan_changes import subscription_change_plan
 from billing.services.purchases import purchase_pack
 from billing.services.metering import EventInput, record_event, record_events
 from plans import services as plan_services
@@ -121,11 +122,12 @@ class SubscriptionChange(ScopedView):
     required_scope = "admin"
 
     @extend_schema(request=s.SubscriptionChangeSerializer, responses=s.CustomerSerializer,
-                   description="Change plan. The change takes effect at the start of the next period.")
+                   description="Change plan. Upgrades take effect now (prorated base fee and included credits); "
+                               "downgrades at the start of the next period. See docs/billing-rules.md.")
     def post(self, request, external_id):
         data = _valid(s.SubscriptionChangeSerializer, request.data)
         customer = customer_services.customer_get(external_id)
-        customer_services.subscription_change_plan(customer=customer, plan_code=data["plan"], now=timezone.now())
+        subscription_change_plan(customer=customer, plan_code=data["plan"], now=timezone.now())
         return Response(_customer_out(customer))
 
 

@@ -14,7 +14,7 @@ from billing.services.locks import lock_customer
 from plans.models import Plan
 
 
-def _active_plan(code: str, *, field: str = "plan") -> Plan:
+def active_plan(code: str, *, field: str = "plan") -> Plan:
     try:
         return Plan.objects.get(code=code, is_active=True)
     except Plan.DoesNotExist:
@@ -26,7 +26,7 @@ def customer_create(*, external_id: str, name: str, email: str = "", plan_code: 
                     started_at: datetime | None = None, now: datetime) -> Customer:
     """Create a customer subscribed to a plan. `started_at` may be in the past: every
     period from then until now is opened with its included credits."""
-    plan = _active_plan(plan_code)
+    plan = active_plan(plan_code)
     started_at = as_utc(started_at or now)
     if started_at > now:
         raise BillingError("started_at cannot be in the future.", code="invalid", field="started_at", status=400)
@@ -134,27 +134,3 @@ def current_period(*, customer: Customer, now: datetime) -> BillingPeriod | None
             open_periods(subscription=subscription, until=now)
         period = period_for(subscription, now)
     return period
-
-
-@transaction.atomic
-def subscription_change_plan(*, customer: Customer, plan_code: str, now: datetime) -> Subscription:
-    """Schedule a plan change for the start of the next period.
-
-    The current period keeps the plan (and included credits) it was opened with, so a
-    change can never grant a second allotment of included credits within a period.
-    Choosing the current plan again cancels a scheduled change. (Immediate, prorated
-    upgrades are a later addition; see docs/billing-rules.md.)
-    """
-    plan = _active_plan(plan_code)
-    lock_customer(customer.pk)
-    subscription = live_subscription(customer)
-    if subscription is None:
-        raise BillingError("The customer has no live subscription.", code="no_subscription")
-    open_periods(subscription=subscription, until=now)
-    if plan.interval != subscription.plan.interval:
-        raise BillingError("Changing between monthly and yearly plans is not supported yet.",
-                           code="interval_change_unsupported", field="plan")
-    subscription.pending_plan = None if plan.pk == subscription.plan_id else plan
-    subscription.save(update_fields=["pending_plan"])
-    return subscription
-

@@ -1,6 +1,5 @@
 """Invoices over the API: list, detail, upcoming (same code as the close), drill-down."""
 
-from decimal import Decimal
 
 import pytest
 import time_machine

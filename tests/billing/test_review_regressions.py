@@ -8,7 +8,8 @@ import pytest
 from billing.errors import BillingError
 from billing.models import BillingPeriod, Reservation, UsageEvent
 from billing.selectors import period_usage
-from billing.services.customers import customer_create, subscription_change_plan
+from billing.services.customers import customer_create
+from billing.services.plan_changes import subscription_change_plan
 from billing.services.entitlements import check_entitlement
 from billing.services.ledger import grant_credits_once
 from billing.services.metering import EventInput, record_event
