@@ -294,3 +294,44 @@ def invoice_void(*, invoice: Invoice, now: datetime) -> Invoice:
     invoice.status, invoice.voided_at = Invoice.Status.VOID, now
     invoice.save(update_fields=["status", "voided_at"])
     return invoice
+
+
+# --- Progressive billing --------------------------------------------------------------------
+
+@transaction.atomic
+def bill_progressively(*, period_id: int, now: datetime) -> Invoice | None:
+    """If the period's plan bills progressively and its not-yet-invoiced overage has
+    reached the threshold, invoice that overage now. The close invoice later bills only
+    the rest (`overage_billed_through`), and bands are priced so that the invoices of a
+    period add up to exactly the price of its whole overage."""
+    customer_id = BillingPeriod.objects.filter(pk=period_id).values_list("customer_id", flat=True).first()
+    if customer_id is None:
+        return None
+    lock_customer(customer_id)
+    period = BillingPeriod.objects.select_related("plan", "subscription", "customer").get(pk=period_id)
+    threshold = period.plan.progressive_billing_threshold
+    if period.status != BillingPeriod.Status.OPEN or threshold is None or not period.plan.overage_enabled:
+        return None
+    line = overage_line(period)
+    if line is None or line.amount < threshold or line.amount <= ZERO:
+        return None
+    draft = DraftInvoice(customer=period.customer, kind=Invoice.Kind.PROGRESSIVE, currency=period.plan.currency,
+                         subscription=period.subscription, period=period, lines=[line])
+    return issue_invoice(draft, now=now, idempotency_key=f"progressive:{period.pk}:{line.overage_to}")
+
+
+def bill_progressively_due(*, now: datetime) -> list[Invoice]:
+    """Beat: progressive invoices for every open period whose unbilled overage reached its
+    plan's threshold (each in its own transaction)."""
+    candidates = BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, overage_credits__gt=0,
+                                              plan__progressive_billing_threshold__isnull=False)
+    invoices = []
+    for period_id in candidates.values_list("pk", flat=True).iterator():
+        try:
+            invoice = bill_progressively(period_id=period_id, now=now)
+        except Exception:
+            log.exception("progressive billing of period %s failed; retried next run", period_id)
+            continue
+        if invoice is not None:
+            invoices.append(invoice)
+    return invoices
