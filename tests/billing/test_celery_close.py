@@ -1,0 +1,71 @@
+"""The beat-scheduled close, run by a real Celery worker over real Redis against the
+test database: what production does every few minutes."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from billing.models import BillingPeriod, Invoice
+from billing.services.metering import EventInput, record_event
+from tests.factories import FeatureFactory, make_customer, pro_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+def redis_up() -> bool:
+    try:
+        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.skipif(not redis_up(), reason="needs Redis on 127.0.0.1:6379")
+def test_a_celery_worker_on_redis_runs_the_scheduled_close():
+    # A period that ended well over the grace window ago, in real time (the worker's clock).
+    now = timezone.now()
+    started = (now - timedelta(days=40)).replace(microsecond=0)
+    FeatureFactory(code="api")
+    customer = make_customer(pro_plan(), started_at=started, now=started)
+    record_event(event=EventInput(event_id="e1", customer=customer.external_id, feature="api",
+                                  quantity=Decimal("12000"), timestamp=started + timedelta(days=1)),
+                 now=started + timedelta(days=1))
+    first = BillingPeriod.objects.get(customer=customer, start=started)
+
+    queue = f"overage-test-{uuid.uuid4().hex[:8]}"
+    database = connection.settings_dict
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "CELERY_BROKER_URL": REDIS_URL,
+           "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "-Q", queue, "--loglevel",
+         "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        task_name = settings.CELERY_BEAT_SCHEDULE["close-due-periods"]["task"]
+        Celery("probe", broker=REDIS_URL).send_task(task_name, queue=queue)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and BillingPeriod.objects.get(pk=first.pk).status != "closed":
+            time.sleep(0.5)  # waiting on another process, not simulating time
+    finally:
+        worker.terminate()
+        output = worker.communicate(timeout=30)[0]
+
+    assert BillingPeriod.objects.get(pk=first.pk).status == "closed", output
+    invoice = Invoice.objects.get(period=first, kind="period_close")
+    assert [(line.kind, line.amount) for line in invoice.lines.order_by("id")] == [
+        ("overage", Decimal("4.00")), ("base_fee", Decimal("49.00"))]
