@@ -17,12 +17,13 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.models import (
-    ApiKey, BillingPeriod, CreditGrant, Customer, CustomerMember, LedgerEntry, Reservation, Subscription,
+    Alert, ApiKey, BillingPeriod, CreditGrant, Customer, CustomerMember, Invoice, LedgerEntry, Notification,
+    Reservation, Subscription,
     UsageEvent,
 )
-from billing.selectors import balance_at
+from billing.selectors import balance_at, period_usage
 from billing.services.api_keys import api_key_create, api_key_revoke
-from billing.services.customers import customer_create, live_subscription
+from billing.services.customers import customer_create, live_subscription, subscription_set_paused
 from billing.services.invoicing import close_period
 from billing.services.ledger import check_grant_request, grant_credits_once
 from plans.money import format_credits, format_money
@@ -86,11 +87,98 @@ class CustomerAddForm(forms.ModelForm):
         return started_at
 
 
+class _CustomerHistoryInline(admin.TabularInline):
+    """Read-only history shown on the customer page (newest first, bounded)."""
+
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    max_rows = 50
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request)
+        ids = list(queryset.order_by(*self.ordering).values_list("pk", flat=True)[: self.max_rows])
+        return queryset.filter(pk__in=ids).order_by(*self.ordering)
+
+
+class LiveGrantInline(_CustomerHistoryInline):
+    model = CreditGrant
+    verbose_name_plural = "Credit grants with credits left"
+    fields = readonly_fields = ("source", "credits", "remaining", "effective_at", "expires_at", "description")
+    ordering = ("expires_at", "priority", "created_at")
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).filter(remaining__gt=0)
+
+
+class LedgerEntryInline(_CustomerHistoryInline):
+    model = LedgerEntry
+    verbose_name_plural = "Latest ledger entries"
+    fields = readonly_fields = ("kind", "credits", "grant", "feature", "effective_at", "note")
+    ordering = ("-id",)
+
+
+class InvoiceInline(_CustomerHistoryInline):
+    model = Invoice
+    verbose_name_plural = "Invoices"
+    fields = readonly_fields = ("number", "kind", "status", "total", "currency", "issued_at")
+    ordering = ("-issued_at", "-id")
+
+
+class AlertInline(_CustomerHistoryInline):
+    model = Alert
+    verbose_name_plural = "Alerts sent"
+    fields = readonly_fields = ("kind", "threshold", "period", "fired_at")
+    ordering = ("-fired_at",)
+
+
+class NotificationInline(_CustomerHistoryInline):
+    model = Notification
+    verbose_name_plural = "In-app notifications"
+    fields = readonly_fields = ("title", "created_at", "read_at")
+    ordering = ("-created_at",)
+
+
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
     list_display = ("external_id", "name", "email", "created_at")
     search_fields = ("external_id", "name", "email")
-    inlines = (CustomerMemberInline,)
+    inlines = (CustomerMemberInline, LiveGrantInline, InvoiceInline, AlertInline, NotificationInline,
+               LedgerEntryInline)
+    actions = ("pause_usage", "resume_usage", "close_ended_periods_now")
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else (CustomerMemberInline,)
+
+    @admin.action(description="Pause usage (checks and events refused as 'paused')")
+    def pause_usage(self, request, queryset):
+        self._set_paused(request, queryset, True)
+
+    @admin.action(description="Resume usage")
+    def resume_usage(self, request, queryset):
+        self._set_paused(request, queryset, False)
+
+    def _set_paused(self, request, queryset, paused: bool):
+        for customer in queryset:
+            try:
+                subscription_set_paused(customer=customer, paused=paused, now=timezone.now())
+                messages.success(request, f"{customer.external_id}: usage {'paused' if paused else 'resumed'}.")
+            except DomainError as error:
+                messages.error(request, f"{customer.external_id}: {error.message}")
+
+    @admin.action(description="Close every ended period now (skips the grace window)")
+    def close_ended_periods_now(self, request, queryset):
+        now = timezone.now()
+        for customer in queryset:
+            for period in BillingPeriod.objects.filter(customer=customer, status="open", end__lte=now).order_by("end"):
+                invoice = close_period(period_id=period.pk, now=now, skip_grace=True)
+                messages.success(request, f"{period}: invoice {invoice.number} ({invoice.total} {invoice.currency}).")
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -100,13 +188,31 @@ class CustomerAdmin(admin.ModelAdmin):
     def get_fields(self, request, obj=None):
         if obj is None:
             return ("external_id", "name", "email", "plan", "started_at")
-        return ("external_id", "name", "email", "subscription", "current_balance", "created_at")
+        return ("external_id", "name", "email", "subscription", "current_period", "current_balance",
+                "overage_cap_override", "spend_cap", "grant_credits", "created_at")
 
     def get_readonly_fields(self, request, obj=None):
         if obj is None:
             return ()
         # external_id is the integrator's key for the customer in every API call.
-        return ("external_id", "subscription", "current_balance", "created_at")
+        return ("external_id", "subscription", "current_period", "current_balance", "grant_credits", "created_at")
+
+    @admin.display(description="Current period")
+    def current_period(self, customer):
+        usage = period_usage(customer=customer, now=timezone.now())
+        if usage is None:
+            return "—"
+        period, quote = usage.period, usage.quote
+        return (f"{period.start:%Y-%m-%d} – {period.end:%Y-%m-%d} on {period.plan.name}: "
+                f"{format_credits(period.credits_used)} credits used of {format_credits(period.included_credits)} "
+                f"included; overage {format_credits(period.overage_credits)} credits = "
+                f"{format_money(quote.overage.amount, quote.currency)}; estimated total "
+                f"{format_money(quote.total, quote.currency)}")
+
+    @admin.display(description="Grant credits")
+    def grant_credits(self, customer):
+        url = reverse("admin:billing_creditgrant_add")
+        return format_html('<a href="{}?customer={}">Grant promotional or manual credits…</a>', url, customer.pk)
 
     def has_delete_permission(self, request, obj=None):
         return False  # billing history hangs off the customer (and is protected anyway)

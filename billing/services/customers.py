@@ -134,3 +134,16 @@ def current_period(*, customer: Customer, now: datetime) -> BillingPeriod | None
             open_periods(subscription=subscription, until=now)
         period = period_for(subscription, now)
     return period
+
+
+@transaction.atomic
+def subscription_set_paused(*, customer: Customer, paused: bool, now: datetime) -> Subscription:
+    """Pause usage (every check and event is refused with reason `paused`) or resume it.
+    Billing goes on: periods still close and base fees are still invoiced."""
+    lock_customer(customer.pk)
+    subscription = live_subscription(customer)
+    if subscription is None:
+        raise BillingError("The customer has no live subscription.", code="no_subscription")
+    subscription.status = Subscription.Status.PAUSED if paused else Subscription.Status.ACTIVE
+    subscription.save(update_fields=["status"])
+    return subscription
