@@ -455,3 +455,17 @@ class SpendCapSerializer(CurrencyAmounts, serializers.Serializer):
     spend_cap = MoneyField(allow_null=True, help_text="The customer's own cap.")
     effective_cap = MoneyField(allow_null=True, help_text="The cap in force this period (after approvals).")
     cap_behaviour = serializers.CharField()
+
+
+class AutoTopUpSerializer(serializers.Serializer):
+    enabled = serializers.BooleanField()
+    mode = serializers.ChoiceField(choices=["pack", "refill"], default="pack",
+                                   help_text="pack: buy enough packs to get back above the threshold; refill: up "
+                                             "to target_balance.")
+    pack = serializers.CharField(max_length=64, help_text="Pack code.")
+    threshold = CreditsField(min_value=Decimal("0"), help_text="Top up when credits remaining fall below this.")
+    target_balance = CreditsField(min_value=Decimal("0"), allow_null=True, required=False, default=None)
+    max_per_month = serializers.IntegerField(min_value=0, allow_null=True, required=False, default=None)
+    max_amount_per_month = MoneyField(min_value=Decimal("0"), allow_null=True, required=False, default=None)
+    consecutive_failures = serializers.IntegerField(read_only=True)
+    disabled_reason = serializers.CharField(read_only=True)

@@ -20,6 +20,7 @@ urlpatterns = [
     path("invoices/<str:number>", views.InvoiceDetail.as_view(), name="invoice-detail"),
     path("packs", views.PackList.as_view(), name="packs"),
     path("customers/<str:external_id>/spend-cap", views.CustomerSpendCap.as_view(), name="spend-cap"),
+    path("customers/<str:external_id>/auto-topup", views.CustomerAutoTopUp.as_view(), name="auto-topup"),
     path("customers/<str:external_id>/spend-cap/approvals", views.CustomerCapApproval.as_view(),
          name="spend-cap-approvals"),
     path("customers/<str:external_id>/packs", views.CustomerPackPurchase.as_view(), name="customer-packs"),

@@ -10,12 +10,12 @@ from billing import selectors
 from billing.errors import BillingError, NotFound
 from billing.services import caps
 from billing.services import customers as customer_services
-from billing.models import Invoice
+from billing.models import AutoTopUp, Invoice
 from billing.services.entitlements import check_entitlement, reservation_release, reservation_status
 from billing.services.invoicing import upcoming_invoice
 from billing.services.ledger import grant_credits_once
 from billing.services.plan_changes import subscription_change_plan
-from billing.services.purchases import purchase_pack
+from billing.services.purchases import auto_topup_configure, purchase_pack
 from billing.services.metering import EventInput, record_event, record_events
 from plans import services as plan_services
 from plans.models import CreditPack, Feature, Plan
@@ -397,6 +397,37 @@ class CustomerCapApproval(ScopedView):
         customer = customer_services.customer_get(external_id)
         caps.approve_higher_cap(customer=customer, cap=data["cap"], note=data["note"], now=timezone.now())
         return Response(_caps_out(customer), status=201)
+
+
+class CustomerAutoTopUp(ScopedView):
+    required_scopes = {"GET": "read", "PUT": "admin"}
+
+    @staticmethod
+    def _out(topup) -> dict:
+        return s.AutoTopUpSerializer({
+            "enabled": topup.enabled, "mode": topup.mode, "pack": topup.pack.code, "threshold": topup.threshold,
+            "target_balance": topup.target_balance, "max_per_month": topup.max_per_month,
+            "max_amount_per_month": topup.max_amount_per_month, "consecutive_failures": topup.consecutive_failures,
+            "disabled_reason": topup.disabled_reason,
+        }).data
+
+    @extend_schema(responses=s.AutoTopUpSerializer)
+    def get(self, request, external_id):
+        customer = customer_services.customer_get(external_id)
+        topup = AutoTopUp.objects.select_related("pack").filter(customer=customer).first()
+        if topup is None:
+            raise NotFound("Automatic top-up is not configured for this customer.", code="auto_topup_not_configured")
+        return Response(self._out(topup))
+
+    @extend_schema(request=s.AutoTopUpSerializer, responses=s.AutoTopUpSerializer)
+    def put(self, request, external_id):
+        data = _valid(s.AutoTopUpSerializer, request.data)
+        customer = customer_services.customer_get(external_id)
+        topup = auto_topup_configure(customer=customer, enabled=data["enabled"], pack_code=data["pack"],
+                                     threshold=data["threshold"], mode=data["mode"],
+                                     target_balance=data["target_balance"], max_per_month=data["max_per_month"],
+                                     max_amount_per_month=data["max_amount_per_month"])
+        return Response(self._out(topup))
 
 
 def api_not_found(request, *args, **kwargs):

@@ -177,3 +177,31 @@ def run_auto_topup(*, customer_id: int, now: datetime) -> CreditPurchase | None:
         last, _ = purchase_pack(customer=customer, pack_code=topup.pack.code, idempotency_key=f"auto-topup:{number}",
                                 source=CreditPurchase.Source.AUTO_TOPUP, now=now)
     return last
+
+
+@transaction.atomic
+def auto_topup_configure(*, customer: Customer, enabled: bool, pack_code: str, threshold: Decimal,
+                         mode: str = AutoTopUp.Mode.PACK, target_balance: Decimal | None = None,
+                         max_per_month: int | None = None, max_amount_per_month: Decimal | None = None) -> AutoTopUp:
+    """Create or replace a customer's automatic top-up settings. Re-enabling clears the
+    record of past payment failures."""
+    lock_customer(customer.pk)
+    pack = CreditPack.objects.filter(code=pack_code, is_active=True).first()
+    if pack is None:
+        raise NotFound(f"No pack on sale with code {pack_code!r}.", code="pack_not_found", field="pack", status=422)
+    if mode == AutoTopUp.Mode.REFILL and (target_balance is None or target_balance <= threshold):
+        raise BillingError("Refill mode needs a target balance above the threshold.", code="invalid",
+                           field="target_balance", status=400)
+    subscription = live_subscription(customer)
+    if subscription is not None and subscription.plan.currency != pack.currency:
+        raise BillingError(f"This pack is sold in {pack.currency}; the customer is billed in "
+                           f"{subscription.plan.currency}.", code="currency_mismatch", field="pack")
+    topup, _ = AutoTopUp.objects.update_or_create(customer=customer, defaults=dict(
+        enabled=enabled, pack=pack, threshold=threshold, mode=mode,
+        target_balance=target_balance if mode == AutoTopUp.Mode.REFILL else None,
+        max_per_month=max_per_month, max_amount_per_month=max_amount_per_month,
+    ))
+    if enabled and (topup.consecutive_failures or topup.disabled_reason):
+        topup.consecutive_failures, topup.disabled_reason = 0, ""
+        topup.save(update_fields=["consecutive_failures", "disabled_reason"])
+    return topup

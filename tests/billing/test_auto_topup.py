@@ -91,3 +91,23 @@ def test_16_concurrent_consumers_crossing_the_threshold_trigger_exactly_one_top_
     assert CreditPurchase.objects.count() == 1
     assert credits_remaining(customer, NOW) == Decimal("600") - Decimal("160") + Decimal("1000")
     assert_ledger_consistent()
+
+
+@pytest.mark.django_db
+def test_auto_topup_settings_through_the_api(api):
+    FeatureFactory(code="api")
+    CreditPack.objects.create(code="1k", name="1 000 credits", credits=Decimal("1000"), price=Decimal("2"))
+    make_customer(free_plan(), started_at=MAY, external_id="acme")
+
+    missing = api.get("/api/v1/customers/acme/auto-topup")
+    bad = api.put("/api/v1/customers/acme/auto-topup", {"enabled": True, "pack": "1k", "threshold": "100",
+                                                         "mode": "refill", "target_balance": "50"}, format="json")
+    saved = api.put("/api/v1/customers/acme/auto-topup", {"enabled": True, "pack": "1k", "threshold": "100",
+                                                           "max_amount_per_month": "20"}, format="json")
+
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "auto_topup_not_configured")
+    assert (bad.status_code, bad.json()["error"]["field"]) == (400, "target_balance")
+    assert saved.json() == {"enabled": True, "mode": "pack", "pack": "1k", "threshold": "100",
+                            "target_balance": None, "max_per_month": None, "max_amount_per_month": "20.00",
+                            "consecutive_failures": 0, "disabled_reason": ""}
+    assert api.get("/api/v1/customers/acme/auto-topup").json() == saved.json()
