@@ -17,3 +17,50 @@ def close_due_periods_task() -> int:
     from billing.services.invoicing import close_due_periods
 
     return len(close_due_periods(now=timezone.now()))
+
+
+# --- Alerts and outgoing webhooks -------------------------------------------------------
+
+@shared_task(acks_late=True)
+def check_alerts_task(customer_id: int, period_id: int, cap_event_id: str | None = None) -> int:
+    """Enqueued by ingestion on commit; returns the number of alerts fired."""
+    from billing.services.alerts import check_usage_alerts
+
+    return len(check_usage_alerts(customer_id=customer_id, period_id=period_id, now=timezone.now(),
+                                  cap_event_id=cap_event_id))
+
+
+@shared_task(acks_late=True)
+def check_runaway_usage_task(customer_id: int) -> bool:
+    from billing.services.alerts import check_runaway_usage
+
+    return check_runaway_usage(customer_id=customer_id, now=timezone.now()) is not None
+
+
+# SMTP errors are OSErrors: a mail server that is down is retried with backoff (in the
+# embedded mode retries run at once, without waiting).
+@shared_task(acks_late=True, autoretry_for=(OSError,), retry_backoff=60, retry_backoff_max=3600, max_retries=5)
+def send_alert_email_task(alert_id: int, to_customer: bool = True, to_business: bool = False) -> int:
+    from billing.services.alerts import send_alert_email
+
+    return send_alert_email(alert_id=alert_id, to_customer=to_customer, to_business=to_business)
+
+
+@shared_task(acks_late=True)
+def deliver_webhook_task(delivery_id: int) -> str:
+    """One attempt; a failed attempt is retried by `retry_due_webhooks_task`, never by
+    sleeping here."""
+    from billing.services.webhooks import deliver_webhook
+
+    return deliver_webhook(delivery_id=delivery_id, now=timezone.now()).status
+
+
+@shared_task(acks_late=True)
+def retry_due_webhooks_task() -> int:
+    """celery-beat, every minute: one attempt for each pending delivery that is due."""
+    from billing.services.webhooks import due_webhook_deliveries
+
+    due = due_webhook_deliveries(now=timezone.now())
+    for delivery_id in due:
+        deliver_webhook_task.delay(delivery_id)
+    return len(due)

@@ -20,6 +20,7 @@ from django.db import IntegrityError, transaction
 from billing.errors import BillingError, Conflict, NotFound
 from billing.models import BillingPeriod, Customer, Reservation, UsageEvent
 from billing.periods import as_utc
+from billing.services.alerts import enqueue_alert_checks
 from billing.services.customers import live_subscription, open_periods
 from billing.services.ledger import CustomerLedger
 from billing.services.locks import lock_customer
@@ -196,3 +197,6 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
         stored[item.event_id] = usage  # a repeat later in the same batch is a repeat
         results[index] = BatchResult(event=usage, created=True)
     ledger.flush()
+    # Alert checks run after the commit, in tasks; this only queues them.
+    enqueue_alert_checks(customer_id=customer.pk,
+                         events=[results[i].event for i, _ in items if results[i] is not None and results[i].created])
