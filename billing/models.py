@@ -543,6 +543,8 @@ class WebhookDelivery(models.Model):
     class Meta:
         verbose_name_plural = "webhook deliveries"
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], condition=Q(status="pending"),
+                                name="webhook_deliveries_due")]
         constraints = [models.UniqueConstraint(fields=["endpoint", "alert"], name="one_delivery_per_alert_and_endpoint")]
 
 

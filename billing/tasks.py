@@ -64,3 +64,29 @@ def retry_due_webhooks_task() -> int:
     for delivery_id in due:
         deliver_webhook_task.delay(delivery_id)
     return len(due)
+
+
+@shared_task(acks_late=True)
+def run_auto_topup_task(customer_id: int) -> int | None:
+    """After consumption: top up if the balance fell below the threshold (idempotent)."""
+    from billing.services.purchases import run_auto_topup
+
+    purchase = run_auto_topup(customer_id=customer_id, now=timezone.now())
+    return purchase.pk if purchase else None
+
+
+@shared_task(acks_late=True)
+def bill_progressively_task(period_id: int) -> str | None:
+    """After consumption: invoice a period's overage once it reaches the threshold."""
+    from billing.services.invoicing import bill_progressively
+
+    invoice = bill_progressively(period_id=period_id, now=timezone.now())
+    return invoice.number if invoice else None
+
+
+@shared_task(acks_late=True)
+def bill_progressively_due_task() -> int:
+    """Beat: the sweep behind the per-batch check (e.g. if a task was lost)."""
+    from billing.services.invoicing import bill_progressively_due
+
+    return len(bill_progressively_due(now=timezone.now()))

@@ -167,6 +167,12 @@ OVERAGE_MAX_EVENT_QUANTITY = Decimal(env_str("OVERAGE_MAX_EVENT_QUANTITY", "1000
 # With the quantity bound this keeps one event's credits below 10^15, far inside the
 # 18 integer digits of the credit columns.
 OVERAGE_MAX_CREDITS_PER_UNIT = Decimal("1000000")
+# Runaway guard: a last-hour burn below this many credits never counts as runaway.
+OVERAGE_RUNAWAY_MIN_CREDITS = Decimal(env_str("OVERAGE_RUNAWAY_MIN_CREDITS", "100"))
+# With a broker: at most one runaway check per customer per interval.
+OVERAGE_RUNAWAY_CHECK_INTERVAL_SECONDS = env_int("OVERAGE_RUNAWAY_CHECK_INTERVAL_SECONDS", 60)
+# Where alerts for the business go (runaway usage), e.g. ADMINS=ops@example.com,cfo@example.com
+ADMINS = [("Billing", address) for address in env_list("ADMINS", [])]
 # How far in the past a new subscription may start (each past period is opened with its
 # included credits).
 OVERAGE_MAX_BACKDATE_DAYS = env_int("OVERAGE_MAX_BACKDATE_DAYS", 400)
@@ -183,4 +189,6 @@ LOGGING = {
 CELERY_BEAT_SCHEDULE = {
     "expire-credit-grants": {"task": "billing.tasks.expire_credit_grants_task", "schedule": 300.0},
     "close-due-periods": {"task": "billing.tasks.close_due_periods_task", "schedule": 300.0},
+    "bill-progressively": {"task": "billing.tasks.bill_progressively_due_task", "schedule": 300.0},
+    "retry-due-webhooks": {"task": "billing.tasks.retry_due_webhooks_task", "schedule": 60.0},
 }

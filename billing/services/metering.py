@@ -9,6 +9,7 @@ customer's whole group (a retry is safe: ids make it idempotent).
 """
 
 import hashlib
+from functools import partial
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -197,6 +198,21 @@ def _record_customer_events(customer_id: int, items: list[tuple[int, EventInput]
         stored[item.event_id] = usage  # a repeat later in the same batch is a repeat
         results[index] = BatchResult(event=usage, created=True)
     ledger.flush()
-    # Alert checks run after the commit, in tasks; this only queues them.
-    enqueue_alert_checks(customer_id=customer.pk,
-                         events=[results[i].event for i, _ in items if results[i] is not None and results[i].created])
+    # Follow-ups (alerts, automatic top-up, progressive billing) run after the commit,
+    # in tasks; this only queues them.
+    recorded = [results[i].event for i, _ in items if results[i] is not None and results[i].created]
+    enqueue_alert_checks(customer_id=customer.pk, events=recorded)
+    _enqueue_billing_follow_ups(customer.pk, recorded)
+
+
+def _enqueue_billing_follow_ups(customer_id: int, events: list[UsageEvent]) -> None:
+    """After consumption: check the automatic top-up, and progressive billing for
+    periods whose plan has a threshold. No query here; the tasks decide."""
+    from billing import tasks  # lazily: services never import celery tasks at import time
+
+    accepted = [e for e in events if e.status == UsageEvent.Status.ACCEPTED]
+    if not accepted:
+        return
+    transaction.on_commit(partial(tasks.run_auto_topup_task.delay, customer_id), robust=True)
+    for period_id in sorted({e.period_id for e in accepted if e.period.plan.progressive_billing_threshold is not None}):
+        transaction.on_commit(partial(tasks.bill_progressively_task.delay, period_id), robust=True)

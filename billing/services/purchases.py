@@ -149,6 +149,8 @@ def run_auto_topup(*, customer_id: int, now: datetime) -> CreditPurchase | None:
     lock, and a top-up lifts the balance above the threshold, so however many checks
     race after one crossing, exactly one buys. Buys as many packs as needed to get
     above the threshold (refill mode: to the target), within the monthly limits."""
+    if not AutoTopUp.objects.filter(customer_id=customer_id, enabled=True).exists():
+        return None  # most customers: no lock taken after every batch
     customer = lock_customer(customer_id)
     topup = AutoTopUp.objects.select_related("pack").filter(customer=customer, enabled=True).first()
     if topup is None or not topup.pack.is_active:

@@ -3,6 +3,7 @@
 from decimal import Decimal
 
 import pytest
+import time_machine
 
 from billing.models import AutoTopUp, CreditPurchase
 from billing.services.metering import EventInput, record_event
@@ -80,6 +81,7 @@ def test_the_money_limit_stops_top_ups():
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
+@time_machine.travel(NOW, tick=False)  # for every thread: the post-commit top-up task reads the clock too
 def test_16_concurrent_consumers_crossing_the_threshold_trigger_exactly_one_top_up():
     customer = setup_customer(threshold="500")
     record_event(event=EventInput(event_id="warm", customer=customer.external_id, feature="api",
@@ -111,3 +113,30 @@ def test_auto_topup_settings_through_the_api(api):
                             "target_balance": None, "max_per_month": None, "max_amount_per_month": "20.00",
                             "consecutive_failures": 0, "disabled_reason": ""}
     assert api.get("/api/v1/customers/acme/auto-topup").json() == saved.json()
+
+
+@pytest.mark.django_db
+def test_ingestion_triggers_the_top_up_and_progressive_billing_after_commit(api, django_capture_on_commit_callbacks):
+    """Embedded mode runs the queued follow-up tasks in-process right after the commit."""
+    from billing.models import Invoice
+    from tests.factories import pro_plan
+
+    FeatureFactory(code="api")
+    pack = CreditPack.objects.create(code="1k", name="1 000 credits", credits=Decimal("1000"), price=Decimal("2"))
+    customer = make_customer(pro_plan(included_credits=Decimal("1000"), progressive_billing_threshold=Decimal("1")),
+                             started_at=MAY, external_id="acme")
+    AutoTopUp.objects.create(customer=customer, enabled=True, pack=pack, threshold=Decimal("100"))
+
+    with time_machine.travel(NOW, tick=False):
+        with django_capture_on_commit_callbacks(execute=True):
+            api.post("/api/v1/events", {"id": "e1", "customer": "acme", "feature": "api", "quantity": 950},
+                     format="json")  # 50 left: below 100
+        topped_up = CreditPurchase.objects.count()
+        AutoTopUp.objects.update(enabled=False)
+        with django_capture_on_commit_callbacks(execute=True):
+            api.post("/api/v1/events", {"id": "e2", "customer": "acme", "feature": "api", "quantity": 1600},
+                     format="json")  # 1 050 left → 550 overage = $1.10 ≥ $1 threshold
+
+    assert topped_up == 1
+    progressive = Invoice.objects.get(kind="progressive")
+    assert progressive.total == Decimal("1.10")
