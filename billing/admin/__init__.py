@@ -3,3 +3,4 @@
 from . import core  # noqa: F401
 from . import alerts  # noqa: F401
 from . import invoices  # noqa: F401
+from . import revenue  # noqa: F401
