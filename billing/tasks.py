@@ -90,3 +90,11 @@ def bill_progressively_due_task() -> int:
     from billing.services.invoicing import bill_progressively_due
 
     return len(bill_progressively_due(now=timezone.now()))
+
+
+@shared_task(acks_late=True)
+def recognise_revenue_task() -> int:
+    """Beat: bring the revenue journal up to date (idempotent; runs may overlap)."""
+    from billing.services.revenue import recognise_revenue
+
+    return recognise_revenue(now=timezone.now())

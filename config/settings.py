@@ -191,4 +191,5 @@ CELERY_BEAT_SCHEDULE = {
     "close-due-periods": {"task": "billing.tasks.close_due_periods_task", "schedule": 300.0},
     "bill-progressively": {"task": "billing.tasks.bill_progressively_due_task", "schedule": 300.0},
     "retry-due-webhooks": {"task": "billing.tasks.retry_due_webhooks_task", "schedule": 60.0},
+    "recognise-revenue": {"task": "billing.tasks.recognise_revenue_task", "schedule": 900.0},
 }
