@@ -269,31 +269,33 @@ def upcoming_invoice(*, period: BillingPeriod) -> DraftInvoice:
     return build_close_invoice(period)
 
 
+def _settle_issued_invoice(invoice: Invoice, *, to: str, stamp: str, refused_code: str, now: datetime) -> Invoice:
+    """Move an issued invoice to `to` (paid or void), stamping `stamp`; doing it again
+    is harmless, any other starting status is refused."""
+    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
+    if invoice.status == to:
+        return invoice
+    if invoice.status != Invoice.Status.ISSUED:
+        raise BillingError(f"A {invoice.status} invoice cannot become {to}.", code=refused_code)
+    invoice.status = to
+    setattr(invoice, stamp, now)
+    invoice.save(update_fields=["status", stamp])
+    return invoice
+
+
 @transaction.atomic
 def invoice_mark_paid(*, invoice: Invoice, now: datetime) -> Invoice:
     """Local invoicing: an admin records the payment of an issued invoice."""
-    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
-    if invoice.status == Invoice.Status.PAID:
-        return invoice
-    if invoice.status != Invoice.Status.ISSUED:
-        raise BillingError(f"A {invoice.status} invoice cannot be marked paid.", code="invoice_not_payable")
-    invoice.status, invoice.paid_at = Invoice.Status.PAID, now
-    invoice.save(update_fields=["status", "paid_at"])
-    return invoice
+    return _settle_issued_invoice(invoice, to=Invoice.Status.PAID, stamp="paid_at", refused_code="invoice_not_payable",
+                                  now=now)
 
 
 @transaction.atomic
 def invoice_void(*, invoice: Invoice, now: datetime) -> Invoice:
     """Cancel an unpaid invoice. Its usage is waived, not billed again (see
     `overage_billed_through`). A paid invoice is refunded, not voided."""
-    invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
-    if invoice.status == Invoice.Status.VOID:
-        return invoice
-    if invoice.status != Invoice.Status.ISSUED:
-        raise BillingError(f"A {invoice.status} invoice cannot be voided.", code="invoice_not_voidable")
-    invoice.status, invoice.voided_at = Invoice.Status.VOID, now
-    invoice.save(update_fields=["status", "voided_at"])
-    return invoice
+    return _settle_issued_invoice(invoice, to=Invoice.Status.VOID, stamp="voided_at",
+                                  refused_code="invoice_not_voidable", now=now)
 
 
 # --- Progressive billing --------------------------------------------------------------------
