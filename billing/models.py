@@ -92,8 +92,13 @@ class BillingPeriod(models.Model):
     start = models.DateTimeField()
     end = models.DateTimeField()  # exclusive
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.OPEN)
-    # Included credits allocated for this period (the plan_allocation grant's amount).
+    # Included credits allocated for this period (its plan_allocation grants' amounts,
+    # prorated upgrade credits included).
     included_credits = CreditField(default=ZERO)
+    # The highest full-period allotment this period has been entitled to (the plan's
+    # included credits, raised by upgrades). An upgrade grants only the prorated part
+    # above this level, so no sequence of plan changes grants credits twice.
+    included_credits_level = CreditField(default=ZERO)
     # Caches of ledger sums for this period (see ledger_check): credits consumed from
     # grants plus overage credits, and overage credits alone.
     credits_used = CreditField(default=ZERO)

@@ -34,7 +34,7 @@ from billing.ledger_audit import ledger_mismatches
 from billing.models import BillingPeriod, CreditGrant, Customer, Invoice, InvoiceLine, LedgerEntry, RevenueEntry
 from billing.selectors import PURCHASED_SOURCES, balance_at, period_usage
 from billing.services.customers import live_subscription, period_for
-from billing.services.invoicing import upcoming_invoice
+from billing.services.invoicing import overage_waived_amount, upcoming_invoice
 from billing.services.revenue import (
     RevenueError, grants_journal, overage_recognition, overage_reversal, stored_key,
 )
@@ -109,8 +109,11 @@ class _Customer:
                         period.credits_used)
             self.expect("balance", f"overage credits of {_period_name(period)}", overage[period.pk],
                         period.overage_credits)
+            # The estimate is the price of the period's overage less money waived by void invoices.
+            waived = overage_waived_amount(period)
             self.expect("balance", f"estimated overage money of {_period_name(period)}",
-                        price_overage(period.plan, overage[period.pk]).amount, usage.quote.overage.amount)
+                        max(price_overage(period.plan, overage[period.pk]).amount - waived, ZERO),
+                        usage.quote.overage.amount)
 
     # (b), (c), (d) periods and their invoices
     def check_periods(self, overage: dict[int, Decimal]) -> None:

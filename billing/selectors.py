@@ -11,6 +11,7 @@ from billing.models import (
     BillingPeriod, CreditGrant, Customer, InvoiceLine, LedgerEntry, ReservationHold, UsageRollup,
 )
 from billing.services.customers import current_period
+from billing.services.invoicing import overage_waived_amount
 from billing.services.ledger import active_reservations, effective_overage_cap
 from plans.money import ZERO, credits_total
 from plans.pricing import PeriodQuote, price_period
@@ -105,7 +106,7 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
     return PeriodUsage(
         period=period,
         balance=balance_at(customer, balance_instant, now, with_holds=is_current),
-        quote=price_period(plan, period.overage_credits),
+        quote=price_period(plan, period.overage_credits, waived=overage_waived_amount(period)),
         spend_cap=effective_overage_cap(plan, customer, period),
         by_feature=[
             FeatureUsage(r["feature__code"], r["feature__name"], r["feature__unit"], r["events"],

@@ -94,14 +94,17 @@ def price_overage(plan, overage_credits: Decimal, *, tiers: Iterable | None = No
     )
 
 
-def price_period(plan, overage_credits: Decimal, *, tiers: Iterable | None = None) -> PeriodQuote:
+def price_period(plan, overage_credits: Decimal, *, tiers: Iterable | None = None,
+                 waived: Decimal = ZERO) -> PeriodQuote:
     """The bill of one period of `plan` in which `overage_credits` were not covered by
-    any grant (the ledger's figure): base fee plus priced overage."""
-    return PeriodQuote(
-        currency=plan.currency,
-        base_amount=round_money(plan.base_price, plan.currency),
-        overage=price_overage(plan, overage_credits, tiers=tiers),
-    )
+    any grant (the ledger's figure): base fee plus priced overage, less overage money
+    waived (voided) earlier in the period."""
+    overage = price_overage(plan, overage_credits, tiers=tiers)
+    if waived:
+        overage = OverageQuote(currency=overage.currency, overage_credits=overage.overage_credits,
+                               tiers=overage.tiers, amount=max(overage.amount - waived, ZERO))
+    return PeriodQuote(currency=plan.currency, base_amount=round_money(plan.base_price, plan.currency),
+                       overage=overage)
 
 
 def price_credits_used(plan, credits_used: Decimal, *, tiers: Iterable | None = None) -> PeriodQuote:

@@ -29,7 +29,9 @@ from billing.models import (
     UsageEvent, default_alert_thresholds,
 )
 from billing.services.customers import current_period, live_subscription
-from billing.services.ledger import Reason, effective_overage_cap
+from billing.services.caps import effective_overage_cap
+from billing.services.invoicing import overage_waived_amount
+from billing.services.ledger import Reason
 from billing.services.locks import lock_customer
 from billing.services.webhooks import queue_deliveries
 from plans.money import ZERO, credits_total, format_credits, format_money
@@ -178,8 +180,8 @@ def usage_figures(period: BillingPeriod, customer: Customer) -> dict:
     the one pricing function, as on the usage page and the invoice."""
     plan = period.plan
     included, used = included_credits_used(period)
-    quote = price_period(plan, period.overage_credits)
-    cap = effective_overage_cap(plan, customer)
+    quote = price_period(plan, period.overage_credits, waived=overage_waived_amount(period))
+    cap = effective_overage_cap(plan, customer, period)
     return {
         "included_credits": _plain(included),
         "included_credits_used": _plain(used),

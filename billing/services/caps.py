@@ -27,11 +27,14 @@ def business_cap(plan: Plan, customer: Customer) -> Decimal | None:
 
 def effective_overage_cap(plan: Plan, customer: Customer, period: BillingPeriod | None = None) -> Decimal | None:
     """The overage money cap in force (None = uncapped)."""
+    business = business_cap(plan, customer)
     if period is not None and plan.cap_behaviour == Plan.CapBehaviour.APPROVAL:
         approved = SpendCapApproval.objects.filter(period=period).order_by("-approved_at", "-id").first()
         if approved is not None:
-            return approved.cap
-    caps = [cap for cap in (business_cap(plan, customer), customer.spend_cap) if cap is not None]
+            business = approved.cap
+    # The customer's own cap always applies: an approval clears it (see
+    # approve_higher_cap), and a cap they set afterwards lowers the approved one.
+    caps = [cap for cap in (business, customer.spend_cap) if cap is not None]
     return min(caps) if caps else None
 
 
@@ -71,5 +74,8 @@ def approve_higher_cap(*, customer: Customer, cap: Decimal, now: datetime, appro
     if current is not None and cap <= current:
         raise BillingError(f"An approval must raise the cap above the current {current}.", code="cap_not_higher",
                            field="cap")
+    # Approving a higher cap supersedes the customer's own lower cap; they may set a new
+    # one afterwards, which then lowers the approved cap again.
+    Customer.objects.filter(pk=customer.pk).update(spend_cap=None)
     return SpendCapApproval.objects.create(customer=customer, period=period, cap=cap, approved_at=now,
                                            approved_by=approved_by, note=note)

@@ -12,6 +12,7 @@ from billing.periods import as_utc, period_index_at, period_start
 from billing.services.ledger import grant_credits
 from billing.services.locks import lock_customer
 from plans.models import Plan
+from plans.money import round_money
 
 
 def active_plan(code: str, *, field: str = "plan") -> Plan:
@@ -100,6 +101,7 @@ def open_periods(*, subscription: Subscription, until: datetime) -> list[Billing
         period = BillingPeriod.objects.create(
             subscription=subscription, customer_id=subscription.customer_id, plan=plan,
             start=max(start, subscription.started_at), end=end, included_credits=plan.included_credits,
+            included_credits_level=plan.included_credits,
         )
         if plan.included_credits > 0:
             grant_credits(
@@ -109,7 +111,7 @@ def open_periods(*, subscription: Subscription, until: datetime) -> list[Billing
                 description=f"Included in {plan.name}", now=period.start,
                 # The base fee pays for the included credits (revenue is recognised
                 # as they are used; the rest at expiry).
-                cost=plan.base_price, currency=plan.currency,
+                cost=round_money(plan.base_price, plan.currency), currency=plan.currency,
             )
         created.append(period)
         last = period

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Sum
 
 from billing.errors import BillingError, NotFound
 from billing.models import (
@@ -27,7 +27,7 @@ from billing.services.ledger import expire_grant, grant_credits
 from billing.services.locks import lock_customer
 from plans.models import Plan
 from plans.money import ZERO, format_credits, round_money
-from plans.pricing import price_overage_band
+from plans.pricing import price_overage, price_overage_band
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,34 @@ def overage_billed_through(period: BillingPeriod) -> Decimal:
         through=Max("overage_to"))["through"] or ZERO
 
 
+def overage_invoiced_amount(period: BillingPeriod) -> Decimal:
+    """Money already on overage lines of `period` (void ones included: waived money is
+    accounted for, not billed again)."""
+    return InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
+        total=Sum("amount"))["total"] or ZERO
+
+
+def overage_waived_amount(period: BillingPeriod) -> Decimal:
+    """Money of `period`'s overage lines on void invoices."""
+    return InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE,
+                                      invoice__status=Invoice.Status.VOID).aggregate(total=Sum("amount"))["total"] or ZERO
+
+
 def overage_line(period: BillingPeriod, *, upto: Decimal | None = None) -> DraftLine | None:
-    """The not-yet-invoiced overage of `period` (up to `upto` overage credits), priced
-    through the period's plan, with its tiers and a link to the usage behind it."""
+    """The not-yet-invoiced overage of `period` (up to `upto` overage credits), with its
+    tiers and a link to the usage behind it.
+
+    Its amount is the price of the period's overage so far under the period's plan, less
+    what earlier (progressive) lines already invoiced. Without a plan change in between
+    that is exactly the band's price; after an upgrade it still makes the invoices of a
+    period add up to the price of the whole at the plan it closes on (never below 0)."""
     plan = period.plan
     start = overage_billed_through(period)
     end = period.overage_credits if upto is None else upto
     if end <= start:
         return None
     band = price_overage_band(plan, start, end)
+    amount = max(price_overage(plan, end).amount - overage_invoiced_amount(period), ZERO)
     through_entry_id = LedgerEntry.objects.filter(period=period, kind=LedgerEntry.Kind.OVERAGE).aggregate(
         last=Max("id"))["last"]
     flat = len({tier.unit_price for tier in band.tiers}) == 1
@@ -96,7 +115,7 @@ def overage_line(period: BillingPeriod, *, upto: Decimal | None = None) -> Draft
     else:
         description = f"Overage: {format_credits(band.credits)} credits"
     return DraftLine(
-        kind=InvoiceLine.Kind.OVERAGE, description=description, amount=band.amount, credits=band.credits,
+        kind=InvoiceLine.Kind.OVERAGE, description=description, amount=amount, credits=band.credits,
         unit_price=band.tiers[0].unit_price if flat and band.tiers else None,
         service_start=period.start, service_end=period.end, period=period, overage_from=start, overage_to=end,
         through_entry_id=through_entry_id,
@@ -182,26 +201,37 @@ def invoice_subscription_start(*, subscription: Subscription, period: BillingPer
 # --- Closing periods ----------------------------------------------------------------------
 
 def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod | None, now: datetime) -> None:
-    """Roll the closed period's unused included credits into the next period, as far as
-    the plan allows, and expire the rest. Rolled-over credits last one period and carry
-    their share of the cost basis with them."""
+    """Roll the closed period's unused included credits (all its plan_allocation grants,
+    prorated upgrade credits included) into the next period, as far as the plan allows
+    — the cap applies to the period's total — and expire the rest. Rolled-over credits
+    last one period and carry their share of the cost basis with them."""
     customer, plan = period.customer, period.plan
-    for grant in CreditGrant.objects.filter(period=period, source=CreditGrant.Source.PLAN_ALLOCATION):
-        carry = ZERO
-        if next_period is not None and plan.rollover_policy == Plan.Rollover.ALL:
-            carry = grant.remaining
-        elif next_period is not None and plan.rollover_policy == Plan.Rollover.CAPPED:
-            carry = min(grant.remaining, plan.rollover_max_credits or ZERO)
-        if carry > ZERO:
-            expire_grant(grant=grant, customer=customer, at=period.end, credits=carry, kind=LedgerEntry.Kind.ROLLOVER,
-                         note=f"Rolled over into the period starting {next_period.start:%Y-%m-%d}")
-            grant_credits(
-                customer=customer, credits=carry, source=CreditGrant.Source.ROLLOVER, effective_at=next_period.start,
-                expires_at=next_period.end, period=next_period, idempotency_key=f"rollover:period:{period.pk}",
-                description=f"Rolled over from {period.start:%Y-%m-%d}–{period.end:%Y-%m-%d}",
-                cost=(grant.cost * carry / grant.credits) if grant.credits else ZERO, currency=grant.currency,
-                now=now, entry_kind=LedgerEntry.Kind.ROLLOVER,
-            )
+    grants = list(CreditGrant.objects.filter(period=period, source=CreditGrant.Source.PLAN_ALLOCATION)
+                  .order_by("created_at", "id"))
+    unused = sum((grant.remaining for grant in grants), ZERO)
+    carry = ZERO
+    if next_period is not None and plan.rollover_policy == Plan.Rollover.ALL:
+        carry = unused
+    elif next_period is not None and plan.rollover_policy == Plan.Rollover.CAPPED:
+        carry = min(unused, plan.rollover_max_credits or ZERO)
+    left = carry
+    for grant in grants:  # one rollover grant per source grant: each debit has its receiver
+        if left <= ZERO:
+            break
+        taken = expire_grant(grant=grant, customer=customer, at=period.end, credits=left,
+                             kind=LedgerEntry.Kind.ROLLOVER,
+                             note=f"Rolled over into the period starting {next_period.start:%Y-%m-%d}")
+        if taken <= ZERO:
+            continue
+        grant_credits(
+            customer=customer, credits=taken, source=CreditGrant.Source.ROLLOVER, effective_at=next_period.start,
+            expires_at=next_period.end, period=next_period, idempotency_key=f"rollover:grant:{grant.pk}",
+            description=f"Rolled over from {period.start:%Y-%m-%d}–{period.end:%Y-%m-%d}",
+            cost=grant.cost * taken / grant.credits if grant.credits else ZERO, currency=plan.currency, now=now,
+            entry_kind=LedgerEntry.Kind.ROLLOVER,
+        )
+        left -= taken
+    for grant in grants:
         expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired")
     # Other credits that expired with the period (e.g. earlier rollovers) leave the ledger now too.
     for grant in CreditGrant.objects.filter(customer=customer, remaining__gt=0, expires_at__lte=period.end).exclude(
@@ -225,6 +255,11 @@ def close_period(*, period_id: int, now: datetime, skip_grace: bool = False) -> 
     if now < period.end + grace:
         raise BillingError("This period has not ended yet." if now < period.end
                            else "This period is still open for late events.", code="period_not_due")
+    if BillingPeriod.objects.filter(subscription=period.subscription_id, status=BillingPeriod.Status.OPEN,
+                                    start__lt=period.start).exists():
+        # Periods close in order: a later close must not roll credits into a period the
+        # earlier one then cannot reach.
+        raise BillingError("An earlier period of this subscription is still open.", code="period_not_due")
     subscription = period.subscription
     next_period = None
     if subscription.status != Subscription.Status.CANCELED:
@@ -292,8 +327,13 @@ def invoice_mark_paid(*, invoice: Invoice, now: datetime) -> Invoice:
 
 @transaction.atomic
 def invoice_void(*, invoice: Invoice, now: datetime) -> Invoice:
-    """Cancel an unpaid invoice. Its usage is waived, not billed again (see
-    `overage_billed_through`). A paid invoice is refunded, not voided."""
+    """Cancel an unpaid overage invoice: its usage is waived, not billed again (see
+    `overage_billed_through`). Invoices that bill a base fee or a proration paid for
+    credits already granted (and deferred as revenue); they need a credit note, which
+    does not exist yet, so they are refused. A paid invoice is refunded, not voided."""
+    if invoice.lines.exclude(kind=InvoiceLine.Kind.OVERAGE).exists():
+        raise BillingError("This invoice bills a base fee or proration for credits already granted; it cannot be "
+                           "voided (a credit note is needed).", code="invoice_not_voidable")
     return _settle_issued_invoice(invoice, to=Invoice.Status.VOID, stamp="voided_at",
                                   refused_code="invoice_not_voidable", now=now)
 

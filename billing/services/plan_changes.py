@@ -68,7 +68,9 @@ def subscription_change_plan(*, customer, plan_code: str, now: datetime) -> Subs
 def _upgrade_now(subscription: Subscription, period: BillingPeriod, new: Plan, now: datetime) -> None:
     old = period.plan
     fraction = remaining_fraction(period, now)
-    extra_credits = quantize_credits(max(new.included_credits - old.included_credits, ZERO) * fraction)
+    # Only the part above the highest allotment this period was ever entitled to: going
+    # Basic → Lite (0 credits) → Big grants Big − Basic, as Basic → Big does.
+    extra_credits = quantize_credits(max(new.included_credits - period.included_credits_level, ZERO) * fraction)
     fee = round_money(max(new.base_price - old.base_price, ZERO) * fraction, new.currency)
     key = f"upgrade:period:{period.pk}:to:{new.pk}"
     if extra_credits > ZERO:
@@ -88,6 +90,7 @@ def _upgrade_now(subscription: Subscription, period: BillingPeriod, new: Plan, n
                       now=now, idempotency_key=key)
     period.plan = new
     period.included_credits += extra_credits
-    period.save(update_fields=["plan", "included_credits"])
+    period.included_credits_level = max(period.included_credits_level, new.included_credits)
+    period.save(update_fields=["plan", "included_credits", "included_credits_level"])
     subscription.plan, subscription.pending_plan = new, None
     subscription.save(update_fields=["plan", "pending_plan"])

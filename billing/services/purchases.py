@@ -107,7 +107,11 @@ def _period_paying_down(customer: Customer, now: datetime) -> BillingPeriod | No
         return None
     open_periods(subscription=subscription, until=now)
     period = period_for(subscription, now)
-    return period if period is not None and period.plan.purchases_pay_down_overage else None
+    # Only overage that would be billed is paid down: on a plan with overage off, usage
+    # past the credits is never billed, and bought credits must not be spent on it.
+    if period is None or not period.plan.overage_enabled or not period.plan.purchases_pay_down_overage:
+        return None
+    return period
 
 
 def _overage_to_pay_down(customer: Customer, now: datetime) -> Decimal:
@@ -155,6 +159,9 @@ def run_auto_topup(*, customer_id: int, now: datetime) -> CreditPurchase | None:
     topup = AutoTopUp.objects.select_related("pack").filter(customer=customer, enabled=True).first()
     if topup is None or not topup.pack.is_active:
         return None
+    if CreditPurchase.objects.filter(customer=customer, source=CreditPurchase.Source.AUTO_TOPUP,
+                                     status=CreditPurchase.Status.PENDING).exists():
+        return None  # a top-up is awaiting payment (Stripe): its credits are on their way
     balance = credits_remaining(customer, now)
     if balance >= topup.threshold:
         return None

@@ -36,17 +36,24 @@ def test_invoice_page_shows_lines_and_the_drill_down_link_works(admin_client, cl
     assert "e1" in drill.content.decode()
 
 
-def test_void_and_mark_paid_actions(admin_client, closed_may):
+def test_void_and_mark_paid_actions(admin_client):
+    from billing.services.invoicing import bill_progressively
+
+    FeatureFactory(code="api")
+    customer = make_customer(pro_plan(progressive_billing_threshold=Decimal("1")), started_at=MAY)
+    record_event(event=EventInput(event_id="e1", customer=customer.external_id, feature="api",
+                                  quantity=Decimal("12000"), timestamp=utc(2026, 5, 9)), now=utc(2026, 5, 9))
+    progressive = bill_progressively(period_id=BillingPeriod.objects.get(customer=customer).pk, now=utc(2026, 5, 9))
     start = Invoice.objects.get(kind="subscription_start")
     url = reverse("admin:billing_invoice_changelist")
 
-    admin_client.post(url, {"action": "void", "_selected_action": [closed_may.pk]})
+    admin_client.post(url, {"action": "void", "_selected_action": [progressive.pk]})
+    admin_client.post(url, {"action": "void", "_selected_action": [start.pk]})  # a base fee: refused
     admin_client.post(url, {"action": "mark_paid", "_selected_action": [start.pk]})
-    admin_client.post(url, {"action": "void", "_selected_action": [start.pk]})  # paid: refused
 
-    closed_may.refresh_from_db()
+    progressive.refresh_from_db()
     start.refresh_from_db()
-    assert (closed_may.status, start.status) == ("void", "paid")
+    assert (progressive.status, start.status) == ("void", "paid")
 
 
 def test_close_now_skips_the_grace_window_but_not_the_period_end(admin_client):

@@ -69,7 +69,12 @@ def test_a_healthy_month_reconciles(customer):
 
 
 def test_a_voided_invoice_still_reconciles_its_overage_is_waived_not_rebilled(customer):
-    may_close = Invoice.objects.get(customer=customer, kind="period_close", period__start=MAY)
+    # A plan without a base fee: its close invoice bills overage only, which may be voided.
+    lean = make_customer(PlanFactory(code="lean", included_credits=D("1000"), overage_enabled=True,
+                                     overage_unit_price=D("0.002")), started_at=MAY, external_id="lean")
+    use(lean, "4000", utc(2026, 5, 6), "l1")
+    may_close = close_period(period_id=BillingPeriod.objects.get(customer=lean, start=MAY).pk,
+                             now=utc(2026, 6, 1, 2))
     recognise_revenue(now=NOW)
     invoice_void(invoice=may_close, now=utc(2026, 6, 5))
     recognise_revenue(now=NOW)

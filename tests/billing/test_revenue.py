@@ -176,7 +176,8 @@ def test_rolling_over_everything_with_an_odd_share_closes_the_old_grant_to_the_l
 
 
 def test_overage_is_recognised_in_the_period_of_use_and_reversed_when_its_invoice_is_voided():
-    customer = make_customer(pro_plan(), started_at=MAY)
+    # No base fee, so the close invoice bills overage only (base fees cannot be voided).
+    customer = make_customer(pro_plan(base_price=D("0")), started_at=MAY)
     use(customer, "13500", utc(2026, 5, 20), "e1")  # 3 500 overage credits × $0.002
 
     invoice = close_period(period_id=may(customer).pk, now=MAY_CLOSE)
@@ -185,7 +186,7 @@ def test_overage_is_recognised_in_the_period_of_use_and_reversed_when_its_invoic
     row = RevenueEntry.objects.get(kind="overage")
     assert (row.amount, row.recognised_at) == (D("7.0000"), LAST_INSTANT_OF_MAY)
     assert figures("2026-05")["overage"] == D("7.00")
-    assert figures("2026-05")["revenue"] == D("56.00")
+    assert figures("2026-05")["revenue"] == D("7.00")
     assert "overage" not in figures("2026-06")  # issued in June, but used in May
 
     invoice_void(invoice=invoice, now=utc(2026, 6, 5))
@@ -198,7 +199,7 @@ def test_overage_is_recognised_in_the_period_of_use_and_reversed_when_its_invoic
 
 
 def test_an_overage_invoice_voided_before_recognition_is_never_recognised():
-    customer = make_customer(pro_plan(), started_at=MAY)
+    customer = make_customer(pro_plan(base_price=D("0")), started_at=MAY)
     use(customer, "13500", utc(2026, 5, 20), "e1")
     invoice = close_period(period_id=may(customer).pk, now=MAY_CLOSE)
     invoice_void(invoice=invoice, now=utc(2026, 6, 2))
