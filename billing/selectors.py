@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
@@ -155,3 +155,49 @@ def overage_line_usage(line) -> LineUsage:
     ]
     return LineUsage(by_feature=by_feature, by_day=by_day, paid_down=paid_down,
                      entries=entries.select_related("event", "feature").order_by("effective_at", "id"))
+
+
+@dataclass
+class Forecast:
+    """Where the period is heading at the recent burn rate, as a range."""
+
+    credits_low: Decimal
+    credits_high: Decimal
+    bill_low: Decimal
+    bill_high: Decimal
+    days_left: Decimal
+
+
+def usage_forecast(usage: PeriodUsage, now: datetime) -> Forecast:
+    """Project the period's credits and bill to its end. The low and high daily burn
+    are the slowest and fastest of the average since the period began and the last 7
+    full days' daily credits (from rollups); future usage beyond the credits left is
+    priced as overage by the one pricing function."""
+    period = usage.period
+    elapsed = max((now - period.start).total_seconds(), 3600)
+    days_left = Decimal(max((period.end - now).total_seconds(), 0)) / 86400
+    average = period.credits_used * 86400 / Decimal(elapsed)
+    today = now.date()
+    recent = [
+        credits_total(row["credits"])
+        for row in UsageRollup.objects.filter(period=period, day__lt=today,
+                                              day__gte=today - timedelta(days=7))
+        .values("day").annotate(credits=Sum("credits")).order_by()
+    ]
+    low_rate = min([average, *recent]) if recent else average
+    high_rate = max([average, *recent]) if recent else average
+
+    def bill(rate: Decimal) -> tuple[Decimal, Decimal]:
+        future = rate * days_left
+        overage = period.overage_credits + max(future - max(usage.credits_remaining, ZERO), ZERO)
+        quote = price_period(period.plan, credits_total(overage))
+        overage_money = quote.overage.amount
+        if usage.spend_cap is not None:  # usage stops at the cap: the bill cannot pass it
+            overage_money = min(overage_money, max(usage.spend_cap, usage.quote.overage.amount))
+        # A projection: whole credits are precise enough.
+        projected = (period.credits_used + future).quantize(Decimal("1"), rounding=ROUND_HALF_UP)
+        return projected, quote.base_amount + overage_money
+
+    credits_low, bill_low = bill(low_rate)
+    credits_high, bill_high = bill(high_rate)
+    return Forecast(credits_low, credits_high, bill_low, bill_high, days_left.quantize(Decimal("0.1")))

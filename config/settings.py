@@ -110,6 +110,7 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 LOGIN_URL = "/portal/login/"
 LOGIN_REDIRECT_URL = "/portal/"
+LOGOUT_REDIRECT_URL = "/portal/login/"
 
 # --- Email --------------------------------------------------------------------------
 globals().update(email_settings_from_url(env_str("EMAIL_URL", "console://")))

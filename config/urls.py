@@ -8,6 +8,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]), name="schema"),
     path("api/docs/", SpectacularRedocView.as_view(url_name="schema", authentication_classes=[],
                                                     permission_classes=[]), name="api-docs"),
+    # Login, logout and password reset (Django auth; their templates in templates/registration/).
+    path("portal/", include("django.contrib.auth.urls")),
     path("portal/", include("portal.urls")),
     path("", include("portal.root_urls")),
 ]

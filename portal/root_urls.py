@@ -2,5 +2,5 @@ from django.urls import path
 from django.views.generic import RedirectView
 
 urlpatterns = [
-    path("", RedirectView.as_view(pattern_name="portal:home", permanent=False)),
+    path("", RedirectView.as_view(pattern_name="portal:dashboard", permanent=False)),
 ]

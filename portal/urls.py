@@ -4,5 +4,5 @@ from . import views
 
 app_name = "portal"
 urlpatterns = [
-    path("", views.home, name="home"),
+    path("", views.dashboard, name="dashboard"),
 ]

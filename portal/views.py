@@ -1,6 +1,47 @@
+"""Customer portal views: thin — scope to the logged-in customer, call billing
+selectors, render a page or (for htmx) one of its partials."""
+
+from decimal import Decimal
+
+from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
+from django.utils import timezone
+
+from billing.models import CreditGrant, Notification
+from billing.selectors import period_usage, usage_forecast
+
+from .access import customer_of
+
+# Progress bar colours change here (percent of included credits used).
+WARN_AT, FULL_AT = Decimal("80"), Decimal("100")
 
 
-def home(request):
-    """Landing page until the customer portal lands: where to go next."""
-    return render(request, "portal/home.html")
+def _page(request, template: str, partial: str, context: dict):
+    """Full page normally; just the named partial for htmx requests."""
+    return render(request, f"{template}#{partial}" if request.htmx else template, context)
+
+
+@login_required
+def dashboard(request):
+    customer = customer_of(request)
+    now = timezone.now()
+    usage = period_usage(customer=customer, now=now)
+    context = {"customer": customer, "usage": usage, "now": now}
+    if usage is not None:
+        period, balance = usage.period, usage.balance
+        included_used = max(period.included_credits - balance.included, Decimal("0"))
+        percent = (included_used * 100 / period.included_credits) if period.included_credits else None
+        cap = usage.spend_cap
+        context.update(
+            period=period, plan=period.plan, currency=usage.quote.currency, balance=balance,
+            included_used=included_used, percent=percent,
+            percent_bar=min(percent, Decimal("100")) if percent is not None else None,
+            level="full" if percent is not None and percent >= FULL_AT else
+                  "warn" if percent is not None and percent >= WARN_AT else "ok",
+            forecast=usage_forecast(usage, now),
+            cap_percent=(usage.quote.overage.amount * 100 / cap) if cap else None,
+            grants=CreditGrant.objects.filter(customer=customer, remaining__gt=0).exclude(expires_at__lte=now)
+            .order_by("expires_at", "priority", "created_at"),
+        )
+    context["alerts"] = Notification.objects.filter(customer=customer, read_at__isnull=True)[:5]
+    return _page(request, "portal/dashboard.html", "figures", context)

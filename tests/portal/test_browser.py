@@ -1,0 +1,88 @@
+"""The portal in a real browser (Debian's Chromium driven by Playwright) against a live
+server: what a customer does and sees."""
+
+import os
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from billing.models import CustomerMember
+from billing.services.api_keys import api_key_create
+from tests.factories import FeatureFactory, make_customer, pro_plan
+
+# Playwright's sync API runs an event loop in this thread; the ORM calls made here are
+# plain synchronous test setup.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
+]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def acme():
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    started = timezone.now() - timedelta(days=3)
+    customer = make_customer(pro_plan(overage_cap=Decimal("20")), started_at=started, external_id="acme")
+    customer.name = "Acme Corp"
+    customer.save()
+    user = get_user_model().objects.create_user("ap@acme.test", "ap@acme.test", "pw-acme-123")
+    CustomerMember.objects.create(user=user, customer=customer, is_owner=True)
+    return customer
+
+
+def log_in(page, live_server):
+    page.goto(f"{live_server.url}/portal/")
+    page.fill("#id_username", "ap@acme.test")
+    page.fill("#id_password", "pw-acme-123")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#figures")
+
+
+def test_an_event_sent_through_the_api_shows_on_the_dashboard_without_a_reload(browser, live_server, acme):
+    _, key = api_key_create(name="browser-test")
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    log_in(page, live_server)
+    assert page.text_content("#credits-used").strip() == "0"
+    page.evaluate("window.__sameDocument = true")  # survives only if the page never reloads
+
+    response = page.request.post(f"{live_server.url}/api/v1/events",
+                                 headers={"Authorization": f"Bearer {key}"},
+                                 data={"id": "live-1", "customer": "acme", "feature": "gpt-4o", "quantity": 1234})
+    assert response.status == 201
+
+    page.wait_for_function("document.querySelector('#credits-used').textContent.trim() === '12,340'",
+                           timeout=10_000)
+    assert page.text_content("#overage-credits").strip() == "2,340"
+    assert page.text_content("#estimated-overage").strip() == "USD 4.68"
+    assert page.evaluate("window.__sameDocument") is True
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+
+def test_the_dashboard_works_at_375_px(browser, live_server, acme):
+    page = browser.new_page(viewport={"width": 375, "height": 800})
+    log_in(page, live_server)
+
+    width = page.evaluate("document.documentElement.scrollWidth")
+
+    assert width <= 375  # no sideways scrolling on a phone
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-mobile.png"), full_page=True)
