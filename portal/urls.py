@@ -1,8 +1,7 @@
-from django.urls import path
-
-from . import views
+from portal.views import dashboard
 
 app_name = "portal"
+# Each page family lists its own routes (portal/views/<topic>.py).
 urlpatterns = [
-    path("", views.dashboard, name="dashboard"),
+    *dashboard.urlpatterns,
 ]

@@ -10,13 +10,15 @@ from django.utils import timezone
 from billing.models import CreditGrant, Notification
 from billing.selectors import period_usage, usage_forecast
 
-from .access import customer_of
+from django.urls import path
+
+from portal.access import customer_of
 
 # Progress bar colours change here (percent of included credits used).
 WARN_AT, FULL_AT = Decimal("80"), Decimal("100")
 
 
-def _page(request, template: str, partial: str, context: dict):
+def render_page(request, template: str, partial: str, context: dict):
     """Full page normally; just the named partial for htmx requests."""
     return render(request, f"{template}#{partial}" if request.htmx else template, context)
 
@@ -44,4 +46,9 @@ def dashboard(request):
             .order_by("expires_at", "priority", "created_at"),
         )
     context["alerts"] = Notification.objects.filter(customer=customer, read_at__isnull=True)[:5]
-    return _page(request, "portal/dashboard.html", "figures", context)
+    return render_page(request, "portal/dashboard.html", "figures", context)
+
+
+urlpatterns = [
+    path("", dashboard, name="dashboard"),
+]

@@ -1,0 +1,1 @@
+"""Portal views, one module per page family; each module lists its own `urlpatterns`."""
