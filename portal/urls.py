@@ -1,7 +1,9 @@
-from portal.views import dashboard
+from portal.views import controls, dashboard, notifications
 
 app_name = "portal"
 # Each page family lists its own routes (portal/views/<topic>.py).
 urlpatterns = [
     *dashboard.urlpatterns,
+    *controls.urlpatterns,
+    *notifications.urlpatterns,
 ]
