@@ -201,3 +201,56 @@ def usage_forecast(usage: PeriodUsage, now: datetime) -> Forecast:
     credits_low, bill_low = bill(low_rate)
     credits_high, bill_high = bill(high_rate)
     return Forecast(credits_low, credits_high, bill_low, bill_high, days_left.quantize(Decimal("0.1")))
+
+
+@dataclass
+class PlanSaving:
+    """What `plan` would have billed for a period's usage, against the current plan."""
+
+    plan: object
+    period: BillingPeriod
+    current_total: Decimal
+    alternative_total: Decimal
+
+    @property
+    def saving(self) -> Decimal:
+        return self.current_total - self.alternative_total
+
+
+def period_bill_on(plan, period: BillingPeriod) -> Decimal:
+    """What `plan` bills for `period`'s usage: each feature's quantity at that plan's
+    credit cost, priced with only its included credits prepaid (packs and promotions
+    aside, so plans compare like for like)."""
+    from plans.models import FeatureCost
+    from plans.pricing import price_credits_used
+
+    costs = dict(FeatureCost.objects.filter(plan=plan).values_list("feature_id", "credits_per_unit"))
+    credits = ZERO
+    for row in (UsageRollup.objects.filter(period=period).values("feature_id", "feature__default_credits_per_unit")
+                .annotate(quantity=Sum("quantity")).order_by()):
+        per_unit = costs.get(row["feature_id"], row["feature__default_credits_per_unit"])
+        credits += credits_total(row["quantity"]) * per_unit
+    return price_credits_used(plan, credits_total(credits)).total
+
+
+def best_plan_saving(customer: Customer, now: datetime) -> PlanSaving | None:
+    """The other plan that would have cost least for this period or the last one, if it
+    saves money; None if the current plan is already the cheapest."""
+    from plans.models import Plan
+
+    current = current_period(customer=customer, now=now)
+    if current is None:
+        return None
+    last = (BillingPeriod.objects.select_related("plan").filter(customer=customer, end__lte=current.start)
+            .order_by("-start").first())
+    candidates = Plan.objects.filter(is_active=True, currency=current.plan.currency,
+                                     interval=current.plan.interval).exclude(pk=current.plan_id)
+    best = None
+    for period in filter(None, (last, current)):
+        spent = period_bill_on(current.plan, period)
+        for plan in candidates:
+            option = PlanSaving(plan=plan, period=period, current_total=spent,
+                                alternative_total=period_bill_on(plan, period))
+            if option.saving > ZERO and (best is None or option.saving > best.saving):
+                best = option
+    return best

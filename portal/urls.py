@@ -1,4 +1,4 @@
-from portal.views import controls, dashboard, notifications
+from portal.views import controls, dashboard, notifications, plans
 
 app_name = "portal"
 # Each page family lists its own routes (portal/views/<topic>.py).
@@ -6,4 +6,5 @@ urlpatterns = [
     *dashboard.urlpatterns,
     *controls.urlpatterns,
     *notifications.urlpatterns,
+    *plans.urlpatterns,
 ]

@@ -8,7 +8,7 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from billing.models import CreditGrant, Notification
-from billing.selectors import period_usage, usage_forecast
+from billing.selectors import best_plan_saving, period_usage, usage_forecast
 
 from django.urls import path
 
@@ -45,6 +45,7 @@ def dashboard(request):
             grants=CreditGrant.objects.filter(customer=customer, remaining__gt=0).exclude(expires_at__lte=now)
             .order_by("expires_at", "priority", "created_at"),
         )
+        context["saving"] = best_plan_saving(customer, now)
     context["alerts"] = Notification.objects.filter(customer=customer, read_at__isnull=True)[:5]
     return render_page(request, "portal/dashboard.html", "figures", context)
 

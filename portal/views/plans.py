@@ -1,0 +1,47 @@
+"""Upgrade suggestions and changing plan, with a confirmation step."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.urls import path
+from django.utils import timezone
+
+from billing.selectors import period_usage
+from billing.services.plan_changes import is_upgrade, remaining_fraction, subscription_change_plan
+from plans.errors import DomainError
+from plans.models import Plan
+from portal.access import customer_of
+
+
+@login_required
+def change_plan(request, code: str):
+    """GET: what changing to `code` means, to confirm; POST: change."""
+    customer = customer_of(request)
+    now = timezone.now()
+    usage = period_usage(customer=customer, now=now)
+    if usage is None:
+        raise Http404("No subscription.")
+    current = usage.period.plan
+    plan = Plan.objects.filter(code=code, is_active=True, currency=current.currency,
+                               interval=current.interval).exclude(pk=current.pk).first()
+    if plan is None:
+        raise Http404("No such plan to change to.")
+    if request.method == "POST":
+        try:
+            subscription_change_plan(customer=customer, plan_code=plan.code, now=now)
+        except DomainError as error:
+            messages.error(request, error.message)
+            return redirect("portal:dashboard")
+        messages.success(request, f"You are now on {plan.name}." if is_upgrade(current, plan)
+                         else f"You will move to {plan.name} at the start of your next period.")
+        return redirect("portal:dashboard")
+    return render(request, "portal/change_plan.html", {
+        "customer": customer, "current": current, "plan": plan, "upgrade": is_upgrade(current, plan),
+        "period": usage.period, "percent_left": remaining_fraction(usage.period, now) * 100,
+    })
+
+
+urlpatterns = [
+    path("plan/change/<str:code>/", change_plan, name="change-plan"),
+]
