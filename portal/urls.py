@@ -1,4 +1,4 @@
-from portal.views import controls, dashboard, notifications, plans
+from portal.views import controls, dashboard, notifications, plans, team
 
 app_name = "portal"
 # Each page family lists its own routes (portal/views/<topic>.py).
@@ -7,4 +7,5 @@ urlpatterns = [
     *controls.urlpatterns,
     *notifications.urlpatterns,
     *plans.urlpatterns,
+    *team.urlpatterns,
 ]
