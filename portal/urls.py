@@ -1,9 +1,11 @@
-from portal.views import controls, dashboard, notifications, plans, team
+from portal.views import controls, credits, dashboard, invoices, notifications, plans, team
 
 app_name = "portal"
 # Each page family lists its own routes (portal/views/<topic>.py).
 urlpatterns = [
     *dashboard.urlpatterns,
+    *invoices.urlpatterns,
+    *credits.urlpatterns,
     *controls.urlpatterns,
     *notifications.urlpatterns,
     *plans.urlpatterns,
