@@ -1,0 +1,185 @@
+"""Usage history: credits by day (this period against the previous one), by feature,
+and the event list with filters, pages and a CSV export of exactly what is filtered."""
+
+import csv
+from dataclasses import dataclass
+from datetime import UTC
+from decimal import Decimal
+
+from django import forms
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, StreamingHttpResponse
+from django.urls import path
+from django.utils import timezone
+from django.utils.http import urlencode
+
+from billing.models import BillingPeriod, Customer
+from billing.selectors_usage import (
+    customer_period,
+    customer_periods,
+    daily_credits,
+    feature_totals,
+    period_events,
+    previous_period,
+)
+from plans.models import Feature
+from portal.access import customer_of
+from portal.views.dashboard import render_page
+
+EVENTS_PER_PAGE = 50
+# Chart geometry (SVG user units; the SVG scales to its box).
+CHART_WIDTH, CHART_HEIGHT, FEATURE_BAR_WIDTH = 600, 160, 200
+
+
+class EventFilters(forms.Form):
+    """Validates the GET filters; the template writes the inputs itself (plain names)."""
+
+    feature = forms.ModelChoiceField(queryset=Feature.objects.all(), to_field_name="code", required=False,
+                                     empty_label="All features")
+    from_ = forms.DateField(required=False)
+    to = forms.DateField(required=False)
+
+    def __init__(self, data, **kwargs):
+        # "from" is a Python keyword; the form field is `from_` but the GET parameter is `from`.
+        data = data.copy()
+        if "from" in data:
+            data["from_"] = data["from"]
+        super().__init__(data, **kwargs)
+
+    def filters(self) -> dict:
+        """The valid filters only: a malformed date or unknown feature is ignored, not an error."""
+        self.is_valid()
+        cleaned = getattr(self, "cleaned_data", {})
+        return {"feature": cleaned.get("feature"), "since": cleaned.get("from_"), "until": cleaned.get("to")}
+
+
+@dataclass
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    title: str
+
+
+def selected_period(request, customer: Customer) -> BillingPeriod | None:
+    """The period in `?period=` (404 unless it is this customer's), else the current one."""
+    period_id = request.GET.get("period")
+    if period_id:
+        period = customer_period(customer, period_id)
+        if period is None:
+            raise Http404("No such period.")
+        return period
+    return customer_periods(customer).filter(start__lte=timezone.now()).select_related("plan").first()
+
+
+def daily_chart(current: list, previous: list) -> dict:
+    """Bars for credits per day; the previous period's days sit behind, aligned by day
+    number, as a lighter series."""
+    slots = max(len(current), len(previous), 1)
+    top = max([d.credits for d in current + previous] + [Decimal(0)])
+    slot = CHART_WIDTH / slots
+
+    def bars(days, width, offset, label):
+        out = []
+        for n, day in enumerate(days):
+            height = float(day.credits / top) * CHART_HEIGHT if top else 0.0
+            out.append(Bar(x=round(n * slot + offset, 2), y=round(CHART_HEIGHT - height, 2), width=round(width, 2),
+                           height=round(height, 2), title=f"{label} {day.day:%b %-d}: {day.credits.normalize():,f} credits"))
+        return out
+
+    return {"width": CHART_WIDTH, "height": CHART_HEIGHT, "top": top,
+            "previous": bars(previous, slot * 0.8, slot * 0.1, "Previous period"),
+            "current": bars(current, slot * 0.5, slot * 0.25, "This period"),
+            # A date under every seventh day of this period.
+            "labels": [{"x": round(n * slot, 2), "text": f"{d.day:%b %-d}"} for n, d in enumerate(current) if n % 7 == 0]}
+
+
+def feature_chart(totals: list) -> list:
+    top = max([t.credits for t in totals] + [Decimal(0)])
+    return [
+        {"totals": t, "y": n * 22, "width": round(float(t.credits / top) * FEATURE_BAR_WIDTH, 2) if top else 0}
+        for n, t in enumerate(totals)
+    ]
+
+
+def filter_query(period: BillingPeriod, filters: dict) -> str:
+    """The filters as a query string, for pagination and the export link."""
+    params = {"period": period.pk}
+    if filters["feature"]:
+        params["feature"] = filters["feature"].code
+    if filters["since"]:
+        params["from"] = filters["since"].isoformat()
+    if filters["until"]:
+        params["to"] = filters["until"].isoformat()
+    return urlencode(params)
+
+
+@login_required
+def usage(request):
+    customer = customer_of(request)
+    period = selected_period(request, customer)
+    context = {"customer": customer, "period": period, "periods": customer_periods(customer)}
+    if period is None:
+        return render_page(request, "portal/usage.html", "events", context)
+    form = EventFilters(request.GET)
+    filters = form.filters()
+    page = Paginator(period_events(customer, period, **filters), EVENTS_PER_PAGE).get_page(request.GET.get("page"))
+    context.update(form=form, page=page, query=filter_query(period, filters), filters=filters)
+    if not request.htmx:
+        # The charts read rollups only; the htmx partial (the event list) skips them.
+        previous = previous_period(period)
+        days = daily_credits(period)
+        totals = feature_totals(period)
+        context.update(
+            previous=previous, days=days, chart=daily_chart(days, daily_credits(previous) if previous else []),
+            totals=totals, feature_bars=feature_chart(totals), feature_chart_height=max(len(totals), 1) * 22,
+            # Features with usage this period, plus the one filtered on (it may have only rejected events).
+            feature_options=sorted({t.feature for t in totals} | ({filters["feature"]} if filters["feature"] else set()),
+                                   key=lambda f: f.code),
+            period_credits=sum((d.credits for d in days), Decimal(0)),
+        )
+    return render_page(request, "portal/usage.html", "events", context)
+
+
+class _Echo:
+    """A file-like object whose write() returns the line, for streaming csv rows."""
+
+    def write(self, value):
+        return value
+
+
+def plain(amount: Decimal) -> str:
+    """A decimal as a plain string, exact, without exponent or trailing zeros."""
+    return f"{amount.normalize():f}"
+
+
+@login_required
+def usage_csv(request):
+    customer = customer_of(request)
+    period = selected_period(request, customer)
+    if period is None:
+        raise Http404("No billing period yet.")
+    events = period_events(customer, period, **EventFilters(request.GET).filters())
+    writer = csv.writer(_Echo())
+
+    def rows():
+        yield writer.writerow(["event_id", "timestamp", "feature", "quantity", "credits", "overage_credits",
+                               "status", "reason"])
+        for event in events.iterator(chunk_size=2000):
+            yield writer.writerow([
+                event.event_id, event.timestamp.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                event.feature.code, plain(event.quantity), plain(event.credits), plain(event.overage_credits),
+                event.status, event.reject_reason,
+            ])
+
+    response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="usage-{customer.external_id}-{period.start:%Y-%m-%d}.csv"'
+    return response
+
+
+urlpatterns = [
+    path("usage/", usage, name="usage"),
+    path("usage/events.csv", usage_csv, name="usage-csv"),
+]

@@ -1,0 +1,96 @@
+"""Usage history in a real browser (Debian's Chromium driven by Playwright): filter the
+events by feature and download exactly those as CSV."""
+
+import csv
+import os
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from billing.models import CustomerMember
+from billing.services.metering import EventInput, record_event
+from tests.factories import FeatureFactory, make_customer, pro_plan
+
+# Playwright's sync API runs an event loop in this thread; the ORM calls made here are
+# plain synchronous test setup.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
+]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def acme():
+    """Three days into a Pro period: api calls and gpt-4o calls on each day."""
+    FeatureFactory(code="api", name="API calls")
+    FeatureFactory(code="gpt-4o", name="GPT-4o", default_credits_per_unit=Decimal(10))
+    now = timezone.now()
+    started = now - timedelta(days=3)
+    customer = make_customer(pro_plan(), started_at=started, external_id="acme")
+    customer.name = "Acme Corp"
+    customer.save()
+    for n, hours_ago in enumerate((60, 40, 20, 2)):
+        for feature, quantity in (("api", 100 * (n + 1)), ("gpt-4o", 10 * (n + 1))):
+            at = (now - timedelta(hours=hours_ago)).replace(microsecond=0)
+            record_event(event=EventInput(event_id=f"{feature}-{n}", customer="acme", feature=feature,
+                                          quantity=Decimal(quantity), timestamp=at), now=now)
+    user = get_user_model().objects.create_user("ap@acme.test", "ap@acme.test", "pw-acme-123")
+    CustomerMember.objects.create(user=user, customer=customer, is_owner=True)
+    return customer
+
+
+def test_filter_usage_by_feature_and_export_exactly_that_as_csv(browser, live_server, acme, tmp_path):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(f"{live_server.url}/portal/")
+    page.fill("#id_username", "ap@acme.test")
+    page.fill("#id_password", "pw-acme-123")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#figures")
+
+    page.click("nav >> text=Usage")
+    page.wait_for_selector("#daily-chart")
+    assert page.text_content("#event-count").strip() == "8 events"
+    page.evaluate("window.__sameDocument = true")
+    page.select_option("#event-filters select[name=feature]", "gpt-4o")
+    page.click("#event-filters button[type=submit]")
+    page.wait_for_function("document.querySelector('#event-count').textContent.trim() === '4 events'",
+                           timeout=10_000)
+    assert page.evaluate("window.__sameDocument") is True  # htmx swapped the list; no reload
+    assert "feature=gpt-4o" in page.url
+
+    with page.expect_download() as download_info:
+        page.click("text=Export CSV")
+    path = tmp_path / "usage.csv"
+    download_info.value.save_as(path)
+    with path.open(newline="") as file:
+        rows = list(csv.reader(file))
+
+    assert rows[0] == ["event_id", "timestamp", "feature", "quantity", "credits", "overage_credits", "status",
+                       "reason"]
+    assert [(r[0], r[2], r[3], r[4], r[6]) for r in rows[1:]] == [
+        ("gpt-4o-3", "gpt-4o", "40", "400", "accepted"),
+        ("gpt-4o-2", "gpt-4o", "30", "300", "accepted"),
+        ("gpt-4o-1", "gpt-4o", "20", "200", "accepted"),
+        ("gpt-4o-0", "gpt-4o", "10", "100", "accepted"),
+    ]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "usage.png"), full_page=True)
