@@ -86,3 +86,29 @@ def test_the_dashboard_works_at_375_px(browser, live_server, acme):
 
     assert width <= 375  # no sideways scrolling on a phone
     page.screenshot(path=str(SCREENSHOTS / "dashboard-mobile.png"), full_page=True)
+
+
+def test_the_customer_sets_a_cap_and_usage_stops_at_it(browser, live_server, acme):
+    _, key = api_key_create(name="browser-test")
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    log_in(page, live_server)
+    page.click("nav >> text=Controls")
+
+    page.fill("#id_spend_cap", "25")
+    page.click("#spend-cap-card button[type=submit]")
+    assert "cannot exceed the plan" in page.text_content("#spend-cap-card .error")  # shown inline, not saved
+    page.fill("#id_spend_cap", "5")
+    page.click("#spend-cap-card button[type=submit]")
+
+    assert "Your spend cap is saved." in page.text_content("body")
+    assert page.text_content("#cap-in-force").strip() == "USD 5.00"
+    page.screenshot(path=str(SCREENSHOTS / "controls.png"), full_page=True)
+    auth = {"Authorization": f"Bearer {key}"}
+    sent = page.request.post(f"{live_server.url}/api/v1/events", headers=auth,
+                             data={"id": "cap-1", "customer": "acme", "feature": "gpt-4o", "quantity": 1234})
+    assert sent.status == 201  # 2 340 credits of overage: USD 4.68
+    check = page.request.post(f"{live_server.url}/api/v1/entitlements/check", headers=auth,
+                              data={"customer": "acme", "feature": "gpt-4o", "quantity": 100})
+    assert check.json()["allowed"] is False and check.json()["reason"] == "spend_cap_reached"
+    page.click("nav >> text=Dashboard")
+    assert page.text_content("#spend-cap").strip() == "USD 4.68 of USD 5.00 overage cap used (94 %)."
