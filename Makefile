@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test install migrate seed bench clean
+.PHONY: run test install migrate seed bench bench-portal clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: install
 ## Benchmarks: print a table and write bench/results/*.json
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/portal.py
+
+bench-portal: install
+	$(BIN)/python bench/portal.py
 
 clean:
 	rm -rf $(VENV) db.sqlite3 .pytest_cache

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
 
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, Sum
 
 from billing.models import BillingPeriod, CreditGrant, LedgerEntry, UsageEvent, UsageRollup
 from plans.money import credits_total
@@ -62,16 +62,18 @@ def ledger_mismatches() -> Iterator[str]:
         if charged.get(pk, ZERO) != expected:
             yield f"event {event_id!r} ({status}): credits {credits} but its ledger entries charge {charged.get(pk, ZERO)}"
 
-    def figures(queryset, count):
+    def figures(queryset, count, overage_count):
         return {
-            (row["period"], row["feature"]): (row["n"], credits_total(row["credits"]), credits_total(row["overage"]))
+            (row["period"], row["feature"]): (row["n"], credits_total(row["credits"]), credits_total(row["overage"]),
+                                              row["overage_n"])
             for row in queryset.order_by().values("period", "feature")
-            .annotate(n=count, credits=Sum("credits"), overage=Sum("overage_credits"))
+            .annotate(n=count, credits=Sum("credits"), overage=Sum("overage_credits"), overage_n=overage_count)
         }
 
-    accepted = figures(UsageEvent.objects.filter(status=UsageEvent.Status.ACCEPTED), Count("pk"))
-    rolled = figures(UsageRollup.objects.all(), Sum("events"))
+    accepted = figures(UsageEvent.objects.filter(status=UsageEvent.Status.ACCEPTED), Count("pk"),
+                       Count("pk", filter=Q(overage_credits__gt=0)))
+    rolled = figures(UsageRollup.objects.all(), Sum("events"), Sum("overage_events"))
     for key in sorted(set(accepted) | set(rolled)):
-        a, r = accepted.get(key, (0, ZERO, ZERO)), rolled.get(key, (0, ZERO, ZERO))
+        a, r = accepted.get(key, (0, ZERO, ZERO, 0)), rolled.get(key, (0, ZERO, ZERO, 0))
         if a != r:
             yield f"rollups of period {key[0]} feature {key[1]}: events say {a}, rollups say {r}"

@@ -207,6 +207,9 @@ class UsageEvent(models.Model):
         indexes = [
             models.Index(fields=["customer", "timestamp"]),
             models.Index(fields=["period", "feature", "timestamp"]),
+            # Rejected events are few; the portal counts them without scanning accepted ones.
+            models.Index(fields=["period", "timestamp"], condition=models.Q(status="rejected"),
+                         name="usage_event_rejected"),
         ]
 
     def __str__(self):
@@ -224,6 +227,7 @@ class UsageRollup(models.Model):
     quantity = CreditField(default=ZERO)
     credits = CreditField(default=ZERO)
     overage_credits = CreditField(default=ZERO)
+    overage_events = models.PositiveIntegerField(default=0)  # events with some overage: an invoice line's drill-down
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["period", "feature", "day"], name="one_rollup_per_period_feature_day")]

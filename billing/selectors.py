@@ -125,36 +125,69 @@ class LineUsage:
     by_feature: list[dict]
     by_day: list[dict]
     paid_down: Decimal  # overage credits of the band paid down by purchases (not billed)
-    entries: object  # the overage ledger entries (a queryset), for paging through events
+    entries: object  # the band's metered overage ledger entries (a queryset) in time order
+    event_count: int  # how many events those entries belong to
 
 
 def overage_line_usage(line) -> LineUsage:
     """Drill down from an overage invoice line to the overage entries it billed: those
-    of its period after the previous overage line's last entry, up to its own."""
+    of its period after the previous overage line's last entry, up to its own.
+
+    The usual line bills all of its period's overage at close; its breakdown then comes
+    from the period's rollups (kept on ingestion), so a period of millions of events is
+    not re-scanned. A progressive-billing band (part of a period) is summed from the
+    ledger, which only it can split at an entry."""
+    period = line.period
     previous = (
-        InvoiceLine.objects.filter(period=line.period, kind=InvoiceLine.Kind.OVERAGE, overage_to__lte=line.overage_from)
+        InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE, overage_to__lte=line.overage_from)
         .exclude(pk=line.pk).order_by("-overage_to").values_list("through_entry_id", flat=True).first()
     )
-    band = LedgerEntry.objects.filter(period=line.period, kind=LedgerEntry.Kind.OVERAGE,
-                                      id__lte=line.through_entry_id or 0)
+    # Bounded by customer, kind and time as well, so the (customer, kind, effective_at)
+    # index serves the band's entries in time order.
+    overage = LedgerEntry.objects.filter(customer_id=period.customer_id, kind=LedgerEntry.Kind.OVERAGE,
+                                         effective_at__gte=period.start, effective_at__lt=period.end, period=period)
+    band = overage.filter(id__lte=line.through_entry_id or 0)
     if previous:
         band = band.filter(id__gt=previous)
     # Overage paid down by a purchase is a positive overage entry with no event.
     paid_down = credits_total(band.filter(event__isnull=True).aggregate(total=Sum("credits"))["total"])
-    entries = band.filter(event__isnull=False)
-    by_feature = [
-        {"feature": row["feature__code"], "overage_credits": -credits_total(row["credits"]), "events": row["events"]}
-        for row in entries.order_by().values("feature__code").annotate(credits=Sum("credits"),
-                                                                       events=Count("event", distinct=True))
-        .order_by("feature__code")
-    ]
-    by_day = [
-        {"day": row["day"], "overage_credits": -credits_total(row["credits"])}
-        for row in entries.order_by().annotate(day=TruncDate("effective_at")).values("day")
-        .annotate(credits=Sum("credits")).order_by("day")
-    ]
-    return LineUsage(by_feature=by_feature, by_day=by_day, paid_down=paid_down,
-                     entries=entries.select_related("event", "feature").order_by("effective_at", "id"))
+    whole_period = (not previous and line.through_entry_id is not None
+                    and not overage.filter(event__isnull=False, id__gt=line.through_entry_id).exists())
+    # For a whole period the id bound is redundant, and leaving it out lets the planner
+    # walk the time index instead of the primary key.
+    entries = ((overage if whole_period else band).filter(event__isnull=False).select_related("event", "feature")
+               .order_by("effective_at", "id"))
+    if whole_period:
+        rollups = UsageRollup.objects.filter(period=period, overage_credits__gt=0).order_by()
+        by_feature = [
+            {"feature": row["feature__code"], "overage_credits": credits_total(row["credits"]),
+             "events": row["events"]}
+            for row in rollups.values("feature__code").annotate(credits=Sum("overage_credits"),
+                                                                events=Sum("overage_events")).order_by("feature__code")
+        ]
+        by_day = [
+            {"day": row["day"], "overage_credits": credits_total(row["credits"])}
+            for row in rollups.values("day").annotate(credits=Sum("overage_credits")).order_by("day")
+        ]
+        # An event's overage lies on one day and feature, so the rollups count it once.
+        event_count = sum(row["events"] for row in by_feature)
+    else:
+        metered = band.filter(event__isnull=False).order_by()
+        by_feature = [
+            {"feature": row["feature__code"], "overage_credits": -credits_total(row["credits"]),
+             "events": row["events"]}
+            for row in metered.values("feature__code").annotate(credits=Sum("credits"),
+                                                                events=Count("event", distinct=True))
+            .order_by("feature__code")
+        ]
+        by_day = [
+            {"day": row["day"], "overage_credits": -credits_total(row["credits"])}
+            for row in metered.annotate(day=TruncDate("effective_at")).values("day")
+            .annotate(credits=Sum("credits")).order_by("day")
+        ]
+        event_count = sum(row["events"] for row in by_feature)
+    return LineUsage(by_feature=by_feature, by_day=by_day, paid_down=paid_down, entries=entries,
+                     event_count=event_count)
 
 
 @dataclass

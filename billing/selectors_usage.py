@@ -80,11 +80,33 @@ def utc_day_start(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=UTC)
 
 
+def period_event_count(customer: Customer, period: BillingPeriod, *, feature: Feature | None = None,
+                       since: date | None = None, until: date | None = None) -> int:
+    """How many events `period_events` lists for the same filters, without counting raw
+    events: accepted ones from the day rollups (the filters are whole UTC days), plus
+    the rejected ones, which are rare and reached through their own partial index."""
+    rollups = UsageRollup.objects.filter(period=period)
+    rejected = UsageEvent.objects.filter(period=period, status=UsageEvent.Status.REJECTED)
+    if feature is not None:
+        rollups, rejected = rollups.filter(feature=feature), rejected.filter(feature=feature)
+    if since is not None:
+        rollups = rollups.filter(day__gte=since)
+        rejected = rejected.filter(timestamp__gte=utc_day_start(since))
+    if until is not None:
+        rollups = rollups.filter(day__lte=until)
+        rejected = rejected.filter(timestamp__lt=utc_day_start(until + timedelta(days=1)))
+    accepted = rollups.aggregate(total=Sum("events"))["total"] or 0
+    return accepted + rejected.filter(customer=customer).count()
+
+
 def period_events(customer: Customer, period: BillingPeriod, *, feature: Feature | None = None,
                   since: date | None = None, until: date | None = None) -> QuerySet[UsageEvent]:
     """The customer's events in the period (accepted and rejected), newest first;
     `since` and `until` are UTC days, both included."""
-    events = UsageEvent.objects.filter(customer=customer, period=period).select_related("feature")
+    # An event lies in the period its timestamp falls in: the time bounds let the
+    # (customer, timestamp) index start at the period's end instead of the newest event.
+    events = UsageEvent.objects.filter(customer=customer, period=period, timestamp__gte=period.start,
+                                       timestamp__lt=period.end).select_related("feature")
     if feature is not None:
         events = events.filter(feature=feature)
     if since is not None:

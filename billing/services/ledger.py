@@ -293,11 +293,12 @@ class CustomerLedger:
         charge.period.credits_used += charge.credits
         charge.period.overage_credits += charge.overage_credits
         rollup = self._rollups.setdefault((charge.period.pk, event.feature_id, event.timestamp.date()),
-                                          [0, ZERO, ZERO, ZERO])
+                                          [0, ZERO, ZERO, ZERO, 0])
         rollup[0] += 1
         rollup[1] += event.quantity
         rollup[2] += event.credits
         rollup[3] += event.overage_credits
+        rollup[4] += 1 if event.overage_credits > ZERO else 0
 
     def flush(self) -> None:
         """Write everything recorded since the last flush. New balances are computed
@@ -326,19 +327,21 @@ class CustomerLedger:
                                                 feature_id__in={k[1] for k in keys})
         }
         new, changed = [], []
-        for key, (events, quantity, credits, overage) in self._rollups.items():
+        for key, (events, quantity, credits, overage, overage_events) in self._rollups.items():
             rollup = existing.get(key)
             if rollup is None:
                 new.append(UsageRollup(period_id=key[0], feature_id=key[1], day=key[2], events=events,
-                                       quantity=quantity, credits=credits, overage_credits=overage))
+                                       quantity=quantity, credits=credits, overage_credits=overage,
+                                       overage_events=overage_events))
             else:
                 rollup.events += events
                 rollup.quantity += quantity
                 rollup.credits += credits
                 rollup.overage_credits += overage
+                rollup.overage_events += overage_events
                 changed.append(rollup)
         UsageRollup.objects.bulk_create(new)
-        UsageRollup.objects.bulk_update(changed, ["events", "quantity", "credits", "overage_credits"])
+        UsageRollup.objects.bulk_update(changed, ["events", "quantity", "credits", "overage_credits", "overage_events"])
 
 
 # --- Expiry -----------------------------------------------------------------------------

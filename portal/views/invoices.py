@@ -52,7 +52,7 @@ def invoice_line(request, number: str, line_id: int):
     return render(request, "portal/invoice_line.html", {
         "customer": customer, "invoice": line.invoice, "line": line, "usage": usage,
         # The latest events first would hide how the band filled up; keep time order, capped.
-        "entries": usage.entries[:200], "entry_count": usage.entries.count(),
+        "entries": usage.entries[:200], "entry_count": usage.event_count,
     })
 
 

@@ -20,6 +20,7 @@ from billing.selectors_usage import (
     customer_periods,
     daily_credits,
     feature_totals,
+    period_event_count,
     period_events,
     previous_period,
 )
@@ -116,6 +117,18 @@ def filter_query(period: BillingPeriod, filters: dict) -> str:
     return urlencode(params)
 
 
+class CountedPaginator(Paginator):
+    """A paginator told its count (from rollups), so no page COUNT(*)s the raw events."""
+
+    def __init__(self, object_list, per_page, *, count: int):
+        super().__init__(object_list, per_page)
+        self.known_count = count
+
+    @property
+    def count(self) -> int:
+        return self.known_count
+
+
 @login_required
 def usage(request):
     customer = customer_of(request)
@@ -125,7 +138,9 @@ def usage(request):
         return render_page(request, "portal/usage.html", "events", context)
     form = EventFilters(request.GET)
     filters = form.filters()
-    page = Paginator(period_events(customer, period, **filters), EVENTS_PER_PAGE).get_page(request.GET.get("page"))
+    paginator = CountedPaginator(period_events(customer, period, **filters), EVENTS_PER_PAGE,
+                                 count=period_event_count(customer, period, **filters))
+    page = paginator.get_page(request.GET.get("page"))
     context.update(form=form, page=page, query=filter_query(period, filters), filters=filters)
     if not request.htmx:
         # The charts read rollups only; the htmx partial (the event list) skips them.
