@@ -1,7 +1,7 @@
 """Reads that the API and the portal show. Money is priced by plans.pricing only."""
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.db.models import Count, Sum
@@ -211,12 +211,17 @@ def usage_forecast(usage: PeriodUsage, now: datetime) -> Forecast:
     days_left = Decimal(max((period.end - now).total_seconds(), 0)) / 86400
     average = period.credits_used * 86400 / Decimal(elapsed)
     today = now.date()
-    recent = [
-        credits_total(row["credits"])
-        for row in UsageRollup.objects.filter(period=period, day__lt=today,
-                                              day__gte=today - timedelta(days=7))
-        .values("day").annotate(credits=Sum("credits")).order_by()
-    ]
+    # The last 7 full UTC days inside the period. A day with no usage has no rollup row
+    # but is a day of zero credits: it must pull the slowest rate down, not be skipped.
+    start = period.start.astimezone(UTC)
+    first_full_day = start.date() if start.time() == time(0) else start.date() + timedelta(days=1)
+    window_start = max(today - timedelta(days=7), first_full_day)
+    by_day = dict(
+        UsageRollup.objects.filter(period=period, day__lt=today, day__gte=window_start)
+        .values("day").annotate(credits=Sum("credits")).order_by().values_list("day", "credits")
+    )
+    recent = [credits_total(by_day.get(window_start + timedelta(days=n)))
+              for n in range(max((today - window_start).days, 0))]
     low_rate = min([average, *recent]) if recent else average
     high_rate = max([average, *recent]) if recent else average
 

@@ -46,11 +46,11 @@ def test_dashboard_shows_the_months_exact_figures(client, acme_user):
     assert "<strong>USD 54.00</strong>" in page  # $49 base + $5
     assert '<p class="big" id="credits-remaining">250</p>' in page  # the promotional grant
     assert "USD 5.00 of USD 20.00 overage cap used (25 %)" in page
-    # Forecast: 12 500 credits in 15 days = 833⅓ a day (slowest); the fastest recent day was
-    # 5 000. 16 days left: 25 833 – 92 500 credits. Either way the overage would pass the
-    # $20 cap, where usage stops: $49 + $20.
-    assert "<strong>25,833 – 92,500</strong> credits" in page
-    assert '<strong id="forecast-bill">USD 69.00 – USD 69.00</strong>' in page
+    # Forecast: the last 7 full days (May 9–15) include idle days of 0 credits (slowest:
+    # nothing more, 12 500 credits, $49 + $5); the fastest was May 10's 5 000. 16 days left:
+    # 92 500 credits, whose overage would pass the $20 cap, where usage stops: $49 + $20.
+    assert "<strong>12,500 – 92,500</strong> credits" in page
+    assert '<strong id="forecast-bill">USD 54.00 – USD 69.00</strong>' in page
 
 
 @time_machine.travel(NOW, tick=False)
