@@ -13,7 +13,7 @@ from billing.models import (
 from billing.services.customers import current_period
 from billing.services.invoicing import overage_waived_amount
 from billing.services.ledger import active_reservations, effective_overage_cap
-from plans.money import ZERO, credits_total
+from plans.money import ZERO, credits_total, quantize_credits
 from plans.pricing import PeriodQuote, price_period
 
 PURCHASED_SOURCES = {CreditGrant.Source.PURCHASE, CreditGrant.Source.AUTO_TOPUP}
@@ -192,13 +192,23 @@ def overage_line_usage(line) -> LineUsage:
 
 @dataclass
 class Forecast:
-    """Where the period is heading at the recent burn rate, as a range."""
+    """Where the period is heading at the recent burn rate, as a range, and its middle
+    (the burn halfway between the slowest and the fastest rate)."""
 
     credits_low: Decimal
     credits_high: Decimal
     bill_low: Decimal
     bill_high: Decimal
     days_left: Decimal
+    credits_mid: Decimal
+    bill_mid: Decimal
+    # The credits used so far times this is the period's projected usage at the middle
+    # rate (1 when nothing was used): the upgrade suggestion scales usage by it.
+    growth_mid: Decimal = Decimal(1)
+
+
+# How many full days of a period the burn rate looks back on.
+FORECAST_WINDOW_DAYS = 7
 
 
 def usage_forecast(usage: PeriodUsage, now: datetime) -> Forecast:
@@ -215,7 +225,7 @@ def usage_forecast(usage: PeriodUsage, now: datetime) -> Forecast:
     # but is a day of zero credits: it must pull the slowest rate down, not be skipped.
     start = period.start.astimezone(UTC)
     first_full_day = start.date() if start.time() == time(0) else start.date() + timedelta(days=1)
-    window_start = max(today - timedelta(days=7), first_full_day)
+    window_start = max(today - timedelta(days=FORECAST_WINDOW_DAYS), first_full_day)
     by_day = dict(
         UsageRollup.objects.filter(period=period, day__lt=today, day__gte=window_start)
         .values("day").annotate(credits=Sum("credits")).order_by().values_list("day", "credits")
@@ -232,63 +242,119 @@ def usage_forecast(usage: PeriodUsage, now: datetime) -> Forecast:
         overage_money = quote.overage.amount
         if usage.spend_cap is not None:  # usage stops at the cap: the bill cannot pass it
             overage_money = min(overage_money, max(usage.spend_cap, usage.quote.overage.amount))
-        # A projection: whole credits are precise enough.
-        projected = (period.credits_used + future).quantize(Decimal("1"), rounding=ROUND_HALF_UP)
-        return projected, quote.base_amount + overage_money
+        return period.credits_used + future, quote.base_amount + overage_money
+
+    # A projection: whole credits are precise enough.
+    def whole(credits: Decimal) -> Decimal:
+        return credits.quantize(Decimal("1"), rounding=ROUND_HALF_UP)
 
     credits_low, bill_low = bill(low_rate)
     credits_high, bill_high = bill(high_rate)
-    return Forecast(credits_low, credits_high, bill_low, bill_high, days_left.quantize(Decimal("0.1")))
+    credits_mid, bill_mid = bill((low_rate + high_rate) / 2)
+    growth = credits_mid / period.credits_used if period.credits_used else Decimal(1)
+    return Forecast(whole(credits_low), whole(credits_high), bill_low, bill_high, days_left.quantize(Decimal("0.1")),
+                    credits_mid=whole(credits_mid), bill_mid=bill_mid, growth_mid=growth)
 
 
 @dataclass
 class PlanSaving:
-    """What `plan` would have billed for a period's usage, against the current plan."""
+    """What `plan` would have billed for a period's usage, against what the current
+    plan bills for it. `projected`: the current, unfinished period, both bills projected
+    to its end at the forecast's middle burn rate."""
 
     plan: object
     period: BillingPeriod
     current_total: Decimal
     alternative_total: Decimal
+    projected: bool = False
 
     @property
     def saving(self) -> Decimal:
         return self.current_total - self.alternative_total
 
 
-def period_bill_on(plan, period: BillingPeriod) -> Decimal:
-    """What `plan` bills for `period`'s usage: each feature's quantity at that plan's
-    credit cost, priced with only its included credits prepaid (packs and promotions
-    aside, so plans compare like for like)."""
+def _quantities(period: BillingPeriod) -> list[tuple[int, Decimal, Decimal]]:
+    """(feature, its default credits per unit, quantity) of `period`'s accepted usage."""
+    return [
+        (row["feature_id"], row["feature__default_credits_per_unit"], credits_total(row["quantity"]))
+        for row in UsageRollup.objects.filter(period=period).values("feature_id", "feature__default_credits_per_unit")
+        .annotate(quantity=Sum("quantity")).order_by()
+    ]
+
+
+def _credits_on(plan, quantities: list, growth: Decimal = Decimal(1)) -> Decimal:
+    """The credits those quantities (times `growth`) cost at `plan`'s credit costs."""
     from plans.models import FeatureCost
-    from plans.pricing import price_credits_used
 
     costs = dict(FeatureCost.objects.filter(plan=plan).values_list("feature_id", "credits_per_unit"))
-    credits = ZERO
-    for row in (UsageRollup.objects.filter(period=period).values("feature_id", "feature__default_credits_per_unit")
-                .annotate(quantity=Sum("quantity")).order_by()):
-        per_unit = costs.get(row["feature_id"], row["feature__default_credits_per_unit"])
-        credits += credits_total(row["quantity"]) * per_unit
-    return price_credits_used(plan, credits_total(credits)).total
+    return quantize_credits(sum(
+        (quantity * growth * costs.get(feature_id, default) for feature_id, default, quantity in quantities), ZERO))
 
 
-def best_plan_saving(customer: Customer, now: datetime) -> PlanSaving | None:
-    """The other plan that would have cost least for this period or the last one, if it
-    saves money; None if the current plan is already the cheapest."""
+def _credits_drawn_beyond_included(period: BillingPeriod) -> Decimal:
+    """Credits `period` drew from purchased, promotional and rolled-over grants
+    (including purchases that paid its overage down): the customer has them whatever
+    the plan, so another plan is credited with them too."""
+    drawn = (LedgerEntry.objects.filter(period=period, kind=LedgerEntry.Kind.CONSUME)
+             .exclude(grant__source=CreditGrant.Source.PLAN_ALLOCATION).aggregate(total=Sum("credits"))["total"])
+    return -credits_total(drawn)
+
+
+def period_bill_on(plan, customer: Customer, credits: Decimal, other_credits: Decimal = ZERO) -> Decimal | None:
+    """What `plan` bills for a period in which `credits` (at its own credit costs) were
+    used and `other_credits` (bought, promotional) were at hand besides its included
+    credits; None if the plan could not have served that usage: it would have refused
+    it (overage off with a hard stop) or paused it at a spend cap."""
+    overage = max(credits - plan.included_credits - other_credits, ZERO)
+    if overage > ZERO and not plan.overage_enabled and plan.hard_limit_behaviour == plan.HardLimit.BLOCK:
+        return None
+    quote = price_period(plan, credits_total(overage))
+    cap = effective_overage_cap(plan, customer)
+    # As the entitlement check does: compared before rounding.
+    if plan.overage_enabled and cap is not None and quote.overage.exact_amount > cap:
+        return None
+    return quote.total
+
+
+def best_plan_saving(*, customer: Customer, usage: PeriodUsage, forecast: Forecast,
+                     now: datetime) -> PlanSaving | None:
+    """The other plan that would cost least, if it saves money; None if the current
+    plan is already the cheapest. Two comparisons, each like for like:
+
+    - the last closed period, if it was on the current plan: what it actually cost
+      (base fee and overage, bought and promotional credits counted, as invoiced)
+      against what the other plan would have billed for the same usage;
+    - the current period projected to its end, once it has run for a week (a day or
+      two of usage would make any plan without a base fee look cheaper): the forecast's
+      middle bill (what the dashboard shows as likely) against the other plan's bill
+      for the usage so far scaled to that same projection.
+    """
     from plans.models import Plan
 
-    current = current_period(customer=customer, now=now)
-    if current is None:
-        return None
+    current = usage.period
+    plan = current.plan
+    comparisons = []  # (period, current bill, growth, other credits, projected)
     last = (BillingPeriod.objects.select_related("plan").filter(customer=customer, end__lte=current.start)
             .order_by("-start").first())
-    candidates = Plan.objects.filter(is_active=True, currency=current.plan.currency,
-                                     interval=current.plan.interval).exclude(pk=current.plan_id)
+    if last is not None and last.plan_id == plan.pk:
+        paid = price_period(last.plan, last.overage_credits, waived=overage_waived_amount(last)).total
+        comparisons.append((last, paid, Decimal(1), _credits_drawn_beyond_included(last), False))
+    if now - current.start >= timedelta(days=FORECAST_WINDOW_DAYS):
+        balance = usage.balance
+        at_hand = _credits_drawn_beyond_included(current) + max(balance.purchased + balance.promotional
+                                                                - balance.held, ZERO)
+        comparisons.append((current, forecast.bill_mid, forecast.growth_mid, at_hand, True))
+    candidates = (Plan.objects.filter(is_active=True, currency=plan.currency, interval=plan.interval)
+                  .exclude(pk=plan.pk).prefetch_related("overage_tiers"))
     best = None
-    for period in filter(None, (last, current)):
-        spent = period_bill_on(current.plan, period)
-        for plan in candidates:
-            option = PlanSaving(plan=plan, period=period, current_total=spent,
-                                alternative_total=period_bill_on(plan, period))
+    for period, spent, growth, other_credits, projected in comparisons:
+        quantities = _quantities(period)
+        for candidate in candidates:
+            alternative = period_bill_on(candidate, customer, _credits_on(candidate, quantities, growth), other_credits)
+            if alternative is None:
+                continue
+            option = PlanSaving(plan=candidate, period=period, current_total=spent, alternative_total=alternative,
+                                projected=projected)
             if option.saving > ZERO and (best is None or option.saving > best.saving):
                 best = option
     return best

@@ -34,18 +34,19 @@ def dashboard(request):
         included_used = max(period.included_credits - balance.included, Decimal("0"))
         percent = (included_used * 100 / period.included_credits) if period.included_credits else None
         cap = usage.spend_cap
+        forecast = usage_forecast(usage, now)
         context.update(
             period=period, plan=period.plan, currency=usage.quote.currency, balance=balance,
             included_used=included_used, percent=percent,
             percent_bar=min(percent, Decimal("100")) if percent is not None else None,
             level="full" if percent is not None and percent >= FULL_AT else
                   "warn" if percent is not None and percent >= WARN_AT else "ok",
-            forecast=usage_forecast(usage, now),
+            forecast=forecast,
             cap_percent=(usage.quote.overage.amount * 100 / cap) if cap else None,
             grants=CreditGrant.objects.filter(customer=customer, remaining__gt=0).exclude(expires_at__lte=now)
             .order_by("expires_at", "priority", "created_at"),
         )
-        context["saving"] = best_plan_saving(customer, now)
+        context["saving"] = best_plan_saving(customer=customer, usage=usage, forecast=forecast, now=now)
     context["alerts"] = Notification.objects.filter(customer=customer, read_at__isnull=True)[:5]
     return render_page(request, "portal/dashboard.html", "figures", context)
 
