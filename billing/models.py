@@ -30,6 +30,12 @@ class Customer(models.Model):
     # The customer's own monthly overage cap; it can only lower the business's cap.
     spend_cap = MoneyField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # With Stripe configured: the mirrored Stripe customer (dj-stripe's copy) and the card
+    # saved in the portal, used for pack purchases and off-session automatic top-ups.
+    stripe_customer = models.OneToOneField("djstripe.Customer", null=True, blank=True, on_delete=models.SET_NULL,
+                                           related_name="overage_customer")
+    stripe_payment_method_id = models.CharField(max_length=255, blank=True)
+    card_summary = models.CharField(max_length=64, blank=True)  # "visa •••• 4242"
 
     class Meta:
         ordering = ["external_id"]
@@ -66,6 +72,7 @@ class Subscription(models.Model):
     billing_anchor = models.DateTimeField()
     canceled_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    stripe_subscription_id = models.CharField(max_length=255, blank=True)  # the base fee's Stripe Subscription
 
     class Meta:
         constraints = [
@@ -396,6 +403,16 @@ class Invoice(models.Model):
     # progressive invoices).
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Its Stripe counterpart (Stripe mode): id, status and total as Stripe last reported
+    # them; a total that differs from ours is flagged in the admin.
+    stripe_invoice_id = models.CharField(max_length=255, blank=True)
+    stripe_status = models.CharField(max_length=32, blank=True)
+    stripe_total = MoneyField(null=True, blank=True)
+    stripe_synced_at = models.DateTimeField(null=True, blank=True)
+
+    @property
+    def stripe_disagrees(self) -> bool:
+        return self.stripe_total is not None and self.stripe_total != self.total
 
     class Meta:
         ordering = ["-issued_at", "-id"]
@@ -651,3 +668,17 @@ class RevenueEntry(models.Model):
             models.UniqueConstraint(fields=["kind", "grant"], condition=Q(kind="deferred"),
                                     name="deferred_once_per_grant"),
         ]
+
+
+class StripeEventReceipt(models.Model):
+    """A Stripe event Overage has acted on, by its id: a webhook delivered again, or
+    late after a newer one, changes nothing twice. dj-stripe keeps every delivery
+    itself (WebhookEventTrigger), valid or not."""
+
+    event_id = models.CharField(max_length=255, unique=True)
+    type = models.CharField(max_length=128)
+    processed_at = models.DateTimeField()
+    outcome = models.CharField(max_length=255, blank=True)
+
+    def __str__(self):
+        return f"{self.type} {self.event_id}"

@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "django_htmx",
     "template_partials",
+    "djstripe",
     "plans",
     "billing",
     "portal",
@@ -153,6 +154,19 @@ STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
 STRIPE_PUBLISHABLE_KEY = env_str("STRIPE_PUBLISHABLE_KEY", "")
 STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
 STRIPE_API_BASE = env_str("STRIPE_API_BASE", "")  # e.g. a localstripe URL in development
+# Stripe.js; in tests and local development the localstripe stand-in
+# (STRIPE_API_BASE + "/js.stripe.com/v3/").
+STRIPE_JS_URL = env_str("STRIPE_JS_URL", f"{STRIPE_API_BASE}/js.stripe.com/v3/" if STRIPE_API_BASE
+                        else "https://js.stripe.com/v3/")
+# dj-stripe reads its keys from these; live mode follows the key's prefix.
+STRIPE_LIVE_MODE = STRIPE_SECRET_KEY.startswith(("sk_live_", "rk_live_"))
+STRIPE_LIVE_SECRET_KEY = STRIPE_SECRET_KEY if STRIPE_LIVE_MODE else ""
+STRIPE_TEST_SECRET_KEY = "" if STRIPE_LIVE_MODE else STRIPE_SECRET_KEY
+DJSTRIPE_FOREIGN_KEY_TO_FIELD = "id"
+# Stripe webhooks: billing/stripe_views.py (signature-checked with dj-stripe; deliveries
+# kept as dj-stripe WebhookEventTriggers; Overage acts on each event once by its id).
+# An automatic top-up whose payment fails this many times in a row is switched off.
+OVERAGE_TOPUP_MAX_FAILURES = env_int("OVERAGE_TOPUP_MAX_FAILURES", 3)
 
 # --- Billing rules --------------------------------------------------------------------
 # Late events may land in a period until this long after its end; then it closes.

@@ -16,7 +16,6 @@ Rules and channels are described in docs/alerts.md.
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
-from functools import partial
 
 from django.conf import settings
 from django.core.cache import cache
@@ -34,6 +33,7 @@ from billing.services.invoicing import overage_waived_amount
 from billing.services.ledger import Reason
 from billing.services.locks import lock_customer
 from billing.services.webhooks import queue_deliveries
+from billing.services.commit_hooks import after_commit
 from plans.money import ZERO, credits_total, format_credits, format_money
 from plans.pricing import price_period
 
@@ -64,10 +64,10 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent]) -> None:
         if event.status == UsageEvent.Status.REJECTED and event.reject_reason == Reason.SPEND_CAP_REACHED:
             cap_event_by_period.setdefault(event.period_id, event.event_id)
     for period_id in sorted({e.period_id for e in accepted} | set(cap_event_by_period)):
-        transaction.on_commit(partial(tasks.check_alerts_task.delay, customer_id, period_id,
-                                      cap_event_by_period.get(period_id)), robust=True)
+        after_commit(tasks.check_alerts_task.delay, customer_id, period_id,
+                                      cap_event_by_period.get(period_id))
     if any(e.period.plan.runaway_multiplier is not None for e in accepted):
-        transaction.on_commit(partial(schedule_runaway_check, customer_id), robust=True)
+        after_commit(schedule_runaway_check, customer_id)
 
 
 def schedule_runaway_check(customer_id: int) -> None:
@@ -312,11 +312,10 @@ def fire_alert(*, customer: Customer, period: BillingPeriod, kind: str, threshol
 
     email_customer = bool(customer.email) and _email_enabled(customer.pk, kind)
     if email_customer or email_business:
-        transaction.on_commit(partial(tasks.send_alert_email_task.delay, alert.pk, email_customer, email_business),
-                              robust=True)
+        after_commit(tasks.send_alert_email_task.delay, alert.pk, email_customer, email_business)
     for delivery in deliveries:
         # If this enqueue is lost, the every-minute sweep sends the delivery anyway.
-        transaction.on_commit(partial(tasks.deliver_webhook_task.delay, delivery.pk), robust=True)
+        after_commit(tasks.deliver_webhook_task.delay, delivery.pk)
     return alert
 
 

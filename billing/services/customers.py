@@ -11,6 +11,7 @@ from billing.models import BillingPeriod, CreditGrant, Customer, Subscription
 from billing.periods import as_utc, period_index_at, period_start
 from billing.services.ledger import grant_credits
 from billing.services.locks import lock_customer
+from billing.services.commit_hooks import after_commit
 from plans.models import Plan
 from plans.money import round_money
 
@@ -50,6 +51,11 @@ def customer_create(*, external_id: str, name: str, email: str = "", plan_code: 
     from billing.services.invoicing import invoice_subscription_start  # invoicing builds on this module
 
     invoice_subscription_start(subscription=subscription, period=periods[0], now=now)
+    if settings.STRIPE_SECRET_KEY:
+        from billing import tasks
+
+        # After commit: the Stripe customer (and base fee subscription) mirror this one.
+        after_commit(tasks.stripe_push_customer_task.delay, customer.pk)
     return customer
 
 

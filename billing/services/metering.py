@@ -9,7 +9,6 @@ customer's whole group (a retry is safe: ids make it idempotent).
 """
 
 import hashlib
-from functools import partial
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ from billing.services.alerts import enqueue_alert_checks
 from billing.services.customers import live_subscription, open_periods
 from billing.services.ledger import CustomerLedger
 from billing.services.locks import lock_customer
+from billing.services.commit_hooks import after_commit
 from plans.models import Feature, FeatureCost
 from plans.money import quantize_credits
 
@@ -213,6 +213,6 @@ def _enqueue_billing_follow_ups(customer_id: int, events: list[UsageEvent]) -> N
     accepted = [e for e in events if e.status == UsageEvent.Status.ACCEPTED]
     if not accepted:
         return
-    transaction.on_commit(partial(tasks.run_auto_topup_task.delay, customer_id), robust=True)
+    after_commit(tasks.run_auto_topup_task.delay, customer_id)
     for period_id in sorted({e.period_id for e in accepted if e.period.plan.progressive_billing_threshold is not None}):
-        transaction.on_commit(partial(tasks.bill_progressively_task.delay, period_id), robust=True)
+        after_commit(tasks.bill_progressively_task.delay, period_id)

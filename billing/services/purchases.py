@@ -25,6 +25,7 @@ from billing.services.customers import live_subscription, open_periods, period_f
 from billing.services.invoicing import DraftInvoice, DraftLine, issue_invoice, overage_billed_through
 from billing.services.ledger import grant_credits
 from billing.services.locks import lock_customer
+from billing.services.commit_hooks import after_commit
 from plans.models import CreditPack
 from plans.money import ZERO, format_credits, round_money
 
@@ -59,6 +60,11 @@ def purchase_pack(*, customer: Customer, pack_code: str, idempotency_key: str, n
     )
     if not payments_through_stripe():
         _complete(purchase, now=now)
+    elif source == CreditPurchase.Source.AUTO_TOPUP:
+        from billing import tasks
+
+        # Off-session with the saved card, after commit; credits come with the webhook.
+        after_commit(tasks.stripe_charge_purchase_task.delay, purchase.pk, True)
     return purchase, True
 
 

@@ -1,0 +1,103 @@
+"""Overage's services against localstripe through the official SDK: customers, a saved
+card, paid packs and top-ups (credits once, on the webhook), the period invoice in
+Stripe equal to ours to the cent, and replayed webhooks changing nothing twice."""
+
+from decimal import Decimal
+
+import pytest
+import stripe
+import time_machine
+from django.core import mail
+from django.utils import timezone
+
+from billing.models import AutoTopUp, CreditGrant, CreditPurchase, Customer, Invoice, Notification
+from billing.services.customers import customer_create
+from billing.services.invoicing import close_period
+from billing.services.metering import EventInput, record_event
+from billing.services.purchases import auto_topup_configure, credits_remaining, purchase_pack, run_auto_topup
+from billing.services.stripe_sync import card_save, card_setup_intent, customer_push, purchase_charge
+from plans.models import CreditPack
+from tests.factories import FeatureFactory, pro_plan, utc
+from tests.stripe.conftest import deliver, stripe_events
+
+pytestmark = pytest.mark.django_db(transaction=True)
+MAY = utc(2026, 5, 1)
+NOW = utc(2026, 5, 10, 12)
+
+
+@pytest.fixture(autouse=True)
+def clock():
+    """Webhooks are handled at 'now': keep it inside the customer's first period."""
+    with time_machine.travel(NOW, tick=True):
+        yield
+
+
+@pytest.fixture
+def catalogue(db):
+    FeatureFactory(code="api")
+    pro_plan()
+    return CreditPack.objects.create(code="boost", name="Boost", currency="USD", credits=Decimal("5000"),
+                                     price=Decimal("12.50"))
+
+
+def new_customer(external_id="acme") -> Customer:
+    customer_create(external_id=external_id, name="Acme Corp", email="ap@acme.test", plan_code="pro",
+                    started_at=MAY, now=MAY)  # on commit: mirrored to Stripe (tasks run in-process)
+    return Customer.objects.get(external_id=external_id)
+
+
+def save_card(customer, number="4242424242424242") -> Customer:
+    """What Stripe Elements does in the portal: confirm the SetupIntent with a card."""
+    intent = card_setup_intent(customer=customer)
+    method = stripe.PaymentMethod.create(type="card", card={"number": number, "exp_month": 12, "exp_year": 2030,
+                                                             "cvc": "123"})
+    stripe.SetupIntent.confirm(intent.id, payment_method=method.id)
+    return card_save(customer_id=customer.pk, setup_intent_id=intent.id)
+
+
+def test_a_new_customer_is_mirrored_to_stripe_once(stripe_mode, catalogue):
+    customer = new_customer()
+
+    again = customer_push(customer_id=customer.pk)  # a retried task
+
+    remote = stripe.Customer.retrieve(customer.stripe_customer.id)
+    assert (remote.email, remote.metadata["overage_customer"]) == ("ap@acme.test", "acme")
+    assert again.stripe_customer_id == customer.stripe_customer_id
+    assert len(stripe.Customer.list(limit=100).data) == 1
+    assert customer.stripe_customer.email == "ap@acme.test"  # dj-stripe's mirror, linked
+
+
+def test_saving_a_card_starts_the_base_fee_subscription_and_pays_the_first_invoice(stripe_mode, webhook_endpoint,
+                                                                                   catalogue):
+    customer = save_card(new_customer())
+
+    subscription = customer.subscriptions.get()
+    remote = stripe.Subscription.retrieve(subscription.stripe_subscription_id)
+    assert (remote.plan.amount, remote.plan.currency, remote.status) == (4900, "usd", "active")
+    first = Invoice.objects.get(customer=customer, kind="subscription_start")
+    assert (first.stripe_invoice_id, first.stripe_total) == (remote.latest_invoice, Decimal("49.00"))
+    [paid] = stripe_events("invoice.payment_succeeded", id=remote.latest_invoice)
+    assert deliver(webhook_endpoint, paid).status_code == 200
+    first.refresh_from_db()
+    assert (first.status, first.stripe_status) == ("paid", "paid")
+
+
+def test_buying_a_pack_grants_its_credits_once_on_the_webhook(stripe_mode, webhook_endpoint, catalogue):
+    customer = save_card(new_customer())
+    assert customer.card_summary == "visa •••• 4242"
+    before = credits_remaining(customer, NOW)
+    purchase, _ = purchase_pack(customer=customer, pack_code="boost", idempotency_key="k1", now=NOW)
+
+    intent = purchase_charge(purchase_id=purchase.pk, off_session=False)
+    assert (intent.status, intent.amount, intent.currency) == ("succeeded", 1250, "usd")
+    purchase.refresh_from_db()
+    assert purchase.status == "pending" and credits_remaining(customer, NOW) == before  # nothing before the webhook
+
+    [event] = stripe_events("payment_intent.succeeded", id=intent.id)
+    answers = [deliver(webhook_endpoint, event).status_code for _ in range(3)]
+
+    assert answers == [200, 200, 200]
+    purchase.refresh_from_db()
+    assert purchase.status == "paid" and purchase.payment_reference == intent.id
+    assert CreditGrant.objects.filter(customer=customer, source="purchase").count() == 1
+    assert credits_remaining(customer, timezone.now()) - before == Decimal("5000")
