@@ -5,6 +5,7 @@ from decimal import Decimal
 
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
+from django.utils.cache import patch_vary_headers
 from django.utils import timezone
 
 from billing.models import CreditGrant, Notification
@@ -18,9 +19,18 @@ from portal.access import customer_of
 WARN_AT, FULL_AT = Decimal("80"), Decimal("100")
 
 
+def wants_partial(request) -> bool:
+    """An htmx request for a fragment. A history restore (Back after the page was
+    evicted from htmx's history cache) is an htmx request that needs the whole page."""
+    return bool(request.htmx) and not request.htmx.history_restore_request
+
+
 def render_page(request, template: str, partial: str, context: dict):
-    """Full page normally; just the named partial for htmx requests."""
-    return render(request, f"{template}#{partial}" if request.htmx else template, context)
+    """Full page normally; just the named partial for htmx requests (`wants_partial`).
+    `Vary: HX-Request` keeps the browser from serving a cached partial as the page."""
+    response = render(request, f"{template}#{partial}" if wants_partial(request) else template, context)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
 
 
 @login_required

@@ -26,7 +26,7 @@ from billing.selectors_usage import (
 )
 from plans.models import Feature
 from portal.access import customer_of
-from portal.views.dashboard import render_page
+from portal.views.dashboard import render_page, wants_partial
 
 EVENTS_PER_PAGE = 50
 # Chart geometry (SVG user units; the SVG scales to its box).
@@ -142,7 +142,7 @@ def usage(request):
                                  count=period_event_count(customer, period, **filters))
     page = paginator.get_page(request.GET.get("page"))
     context.update(form=form, page=page, query=filter_query(period, filters), filters=filters)
-    if not request.htmx:
+    if not wants_partial(request):
         # The charts read rollups only; the htmx partial (the event list) skips them.
         previous = previous_period(period)
         days = daily_credits(period)

@@ -95,3 +95,21 @@ def test_login_page_logs_in_with_email_and_password(client, acme_user):
     response = client.post("/portal/login/", {"username": "ap@acme.test", "password": "pw-acme-123"})
 
     assert (response.status_code, response["Location"]) == (302, "/portal/")
+
+
+@time_machine.travel(NOW, tick=False)
+def test_page_and_partial_vary_on_hx_request_so_back_never_shows_a_cached_partial(client, acme_user):
+    page = client.get("/portal/")
+    partial = client.get("/portal/", HTTP_HX_REQUEST="true")
+
+    assert "HX-Request" in page["Vary"] and "HX-Request" in partial["Vary"]
+    assert "<html" in page.content.decode() and "<html" not in partial.content.decode()
+
+
+@time_machine.travel(NOW, tick=False)
+def test_an_htmx_history_restore_gets_the_full_page(client, acme_user):
+    response = client.get("/portal/", HTTP_HX_REQUEST="true", HTTP_HX_HISTORY_RESTORE_REQUEST="true")
+
+    page = response.content.decode()
+    assert "<html" in page and "<h1>Acme Corp</h1>" in page
+    assert "HX-Request" in response["Vary"]

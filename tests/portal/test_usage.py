@@ -179,6 +179,24 @@ def test_the_events_partial_is_what_htmx_fetches(client, acme):
 
 
 @time_machine.travel(NOW, tick=False)
+def test_page_and_partial_vary_on_hx_request(client, acme):
+    page = client.get("/portal/usage/?feature=api")
+    partial = client.get("/portal/usage/?feature=api", HTTP_HX_REQUEST="true")
+
+    assert "HX-Request" in page["Vary"] and "HX-Request" in partial["Vary"]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_an_htmx_history_restore_gets_the_full_page_with_its_charts(client, acme):
+    response = client.get("/portal/usage/?feature=api", HTTP_HX_REQUEST="true", HTTP_HX_HISTORY_RESTORE_REQUEST="true")
+
+    page = response.content.decode()
+    assert "<html" in page and "daily-chart" in page and 'id="event-filters"' in page
+    assert event_ids(page) == ["m5", "m3", "m1"]
+    assert "HX-Request" in response["Vary"]
+
+
+@time_machine.travel(NOW, tick=False)
 def test_another_customers_period_is_not_found_and_their_data_never_shows(client, acme, django_user_model):
     april, may = periods(acme)
     make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="globex")
