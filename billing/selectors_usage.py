@@ -80,11 +80,24 @@ def utc_day_start(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=UTC)
 
 
+def clamp_days(period: BillingPeriod, since: date | None, until: date | None) -> tuple[date | None, date | None]:
+    """The day filters clamped to the days the period touches: events never lie outside
+    it, and a far bound (`to=9999-12-31`, `from=0001-01-01`) must not overflow the day
+    arithmetic below."""
+    days = period_days(period)
+    if since is not None:
+        since = max(since, days[0])
+    if until is not None:
+        until = min(until, days[-1])
+    return since, until
+
+
 def period_event_count(customer: Customer, period: BillingPeriod, *, feature: Feature | None = None,
                        since: date | None = None, until: date | None = None) -> int:
     """How many events `period_events` lists for the same filters, without counting raw
     events: accepted ones from the day rollups (the filters are whole UTC days), plus
     the rejected ones, which are rare and reached through their own partial index."""
+    since, until = clamp_days(period, since, until)
     rollups = UsageRollup.objects.filter(period=period)
     rejected = UsageEvent.objects.filter(period=period, status=UsageEvent.Status.REJECTED)
     if feature is not None:
@@ -105,6 +118,7 @@ def period_events(customer: Customer, period: BillingPeriod, *, feature: Feature
     `since` and `until` are UTC days, both included."""
     # An event lies in the period its timestamp falls in: the time bounds let the
     # (customer, timestamp) index start at the period's end instead of the newest event.
+    since, until = clamp_days(period, since, until)
     events = UsageEvent.objects.filter(customer=customer, period=period, timestamp__gte=period.start,
                                        timestamp__lt=period.end).select_related("feature")
     if feature is not None:

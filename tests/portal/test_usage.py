@@ -118,6 +118,25 @@ def test_events_are_newest_first_and_filter_by_feature_and_dates(client, acme):
 
 
 @time_machine.travel(NOW, tick=False)
+def test_the_farthest_dates_are_no_bound_not_an_error(client, acme):
+    far = "from=0001-01-01&to=9999-12-31"
+    page = client.get(f"/portal/usage/?{far}")
+    partial = client.get(f"/portal/usage/?{far}", HTTP_HX_REQUEST="true")
+    export = client.get(f"/portal/usage/events.csv?{far}")
+    from_may_10 = client.get("/portal/usage/?from=2026-05-10&to=9999-12-31").content.decode()
+    until_may_9 = client.get("/portal/usage/events.csv?from=0001-01-01&to=2026-05-09")
+
+    assert (page.status_code, partial.status_code, export.status_code) == (200, 200, 200)
+    assert event_ids(page.content.decode()) == ["m5", "m4", "m3", "m2", "m1"]
+    assert '<p class="muted" id="event-count">5 events</p>' in page.content.decode()
+    assert event_ids(partial.content.decode()) == ["m5", "m4", "m3", "m2", "m1"]
+    assert [row[0] for row in csv_rows(export)] == ["event_id", "m5", "m4", "m3", "m2", "m1"]
+    assert event_ids(from_may_10) == ["m5", "m4", "m3"]
+    assert '<p class="muted" id="event-count">3 events</p>' in from_may_10
+    assert [row[0] for row in csv_rows(until_may_9)] == ["event_id", "m2", "m1"]
+
+
+@time_machine.travel(NOW, tick=False)
 def test_events_are_paginated_fifty_a_page_and_links_keep_the_filters(client, acme):
     _, may = periods(acme)
     at = utc(2026, 5, 12)
