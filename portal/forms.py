@@ -16,7 +16,12 @@ class PackPurchaseForm(forms.Form):
     idempotency_key = forms.UUIDField(widget=forms.HiddenInput)
 
 
+MAX_TOPUPS_PER_MONTH = 1000
+
+
 class AutoTopUpForm(forms.Form):
+    # The decimal fields' digits fit their columns (plans.money: credits 24 digits with
+    # 6 places, money 20 with 4), so nothing a form accepts can overflow them.
     enabled = forms.BooleanField(required=False, label="Top up automatically")
     mode = forms.ChoiceField(choices=AutoTopUp.Mode.choices, initial=AutoTopUp.Mode.PACK, label="Mode")
     pack = forms.ModelChoiceField(queryset=CreditPack.objects.none(), to_field_name="code", label="Pack")
@@ -24,7 +29,10 @@ class AutoTopUpForm(forms.Form):
                                    label="When credits left fall below")
     target_balance = forms.DecimalField(required=False, min_value=Decimal("0"), max_digits=20, decimal_places=6,
                                         label="Refill to (refill mode)")
-    max_per_month = forms.IntegerField(required=False, min_value=1, label="At most this many top-ups a month")
+    # Bounded well inside the column (a PostgreSQL integer): a larger number would not
+    # be saved at all, and no one needs more than 1 000 top-ups a month.
+    max_per_month = forms.IntegerField(required=False, min_value=1, max_value=MAX_TOPUPS_PER_MONTH,
+                                       label="At most this many top-ups a month")
     max_amount_per_month = forms.DecimalField(required=False, min_value=Decimal("0"), max_digits=14, decimal_places=2,
                                               label="At most this much money a month")
 
