@@ -10,7 +10,7 @@ from django.db.models.functions import TruncDate
 from billing.models import (
     BillingPeriod, CreditGrant, Customer, InvoiceLine, LedgerEntry, ReservationHold, UsageRollup,
 )
-from billing.services.customers import current_period
+from billing.services.customers import current_period, live_subscription
 from billing.services.invoicing import overage_waived_amount
 from billing.services.ledger import active_reservations, effective_overage_cap
 from plans.money import ZERO, credits_total, quantize_credits
@@ -116,6 +116,12 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
         ],
     )
 
+
+
+def scheduled_plan(customer: Customer):
+    """The plan a downgrade has scheduled for the customer's next period, or None."""
+    subscription = live_subscription(customer)
+    return subscription.pending_plan if subscription is not None else None
 
 
 @dataclass

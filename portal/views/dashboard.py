@@ -9,7 +9,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils import timezone
 
 from billing.models import CreditGrant, Notification
-from billing.selectors import best_plan_saving, period_usage, usage_forecast
+from billing.selectors import best_plan_saving, period_usage, scheduled_plan, usage_forecast
 
 from django.urls import path
 
@@ -56,6 +56,7 @@ def dashboard(request):
             grants=CreditGrant.objects.filter(customer=customer, remaining__gt=0).exclude(expires_at__lte=now)
             .order_by("expires_at", "priority", "created_at"),
         )
+        context["pending_plan"] = scheduled_plan(customer)
         context["saving"] = best_plan_saving(customer=customer, usage=usage, forecast=forecast, now=now)
     context["alerts"] = Notification.objects.filter(customer=customer, read_at__isnull=True)[:5]
     return render_page(request, "portal/dashboard.html", "figures", context)
