@@ -124,10 +124,12 @@ def stripe_push_customer_task(self, customer_id: int) -> None:
 
 @shared_task(**STRIPE_RETRY, bind=True)
 def stripe_charge_purchase_task(self, purchase_id: int, off_session: bool = True) -> None:
-    from billing.services.stripe_sync import purchase_charge
+    from billing.services.stripe_sync import PaymentError, purchase_charge
 
     try:
         purchase_charge(purchase_id=purchase_id, off_session=off_session)
+    except PaymentError:
+        pass  # declined: the purchase is marked failed and the customer told
     except _stripe_errors() as error:
         raise self.retry(exc=error) from error
 

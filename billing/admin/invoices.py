@@ -1,6 +1,7 @@
 """Admin for invoices, purchases and automatic top-up."""
 
 from django.contrib import admin, messages
+from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -8,6 +9,7 @@ from django.utils.html import format_html
 from billing.models import AutoTopUp, CreditPurchase, Invoice, InvoiceLine
 from billing.services.invoicing import invoice_mark_paid, invoice_void
 from plans.errors import DomainError
+from plans.money import format_money
 
 from .core import ReadOnlyAdmin
 
@@ -47,15 +49,44 @@ def _each(request, queryset, service, done: str):
         messages.success(request, f"{changed} invoice(s) {done}.")
 
 
+class StripeAgreementFilter(admin.SimpleListFilter):
+    title = "Stripe"
+    parameter_name = "stripe"
+
+    def lookups(self, request, model_admin):
+        return [("disagrees", "Total differs from Stripe's"), ("mirrored", "In Stripe"), ("local", "Local only")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "disagrees":
+            return queryset.filter(stripe_total__isnull=False).exclude(stripe_total=F("total"))
+        if self.value() == "mirrored":
+            return queryset.exclude(stripe_invoice_id="")
+        if self.value() == "local":
+            return queryset.filter(stripe_invoice_id="")
+        return queryset
+
+
 @admin.register(Invoice)
 class InvoiceAdmin(ReadOnlyAdmin):
-    list_display = ("number", "customer", "kind", "status", "total", "currency", "issued_at", "due_at", "paid_at")
-    list_filter = ("status", "kind", "currency")
+    list_display = ("number", "customer", "kind", "status", "total", "currency", "stripe", "issued_at", "due_at",
+                    "paid_at")
+    list_filter = ("status", StripeAgreementFilter, "stripe_status", "kind", "currency")
     search_fields = ("number", "customer__external_id", "customer__name")
     date_hierarchy = "issued_at"
     list_select_related = ("customer",)
     inlines = (InvoiceLineInline,)
     actions = ("mark_paid", "void")
+
+    @admin.display(description="Stripe")
+    def stripe(self, invoice):
+        """Stripe's status and, when its total is not ours, a warning with both totals."""
+        if not invoice.stripe_invoice_id:
+            return "—"
+        if invoice.stripe_disagrees:
+            return format_html('<strong style="color:#b00">⚠ Stripe {} ≠ ours {}</strong> ({})',
+                               format_money(invoice.stripe_total, invoice.currency),
+                               format_money(invoice.total, invoice.currency), invoice.stripe_status)
+        return f"{invoice.stripe_status} ✓"
 
     @admin.action(description="Mark selected invoices paid (local invoicing)")
     def mark_paid(self, request, queryset):

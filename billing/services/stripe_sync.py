@@ -19,6 +19,7 @@ from decimal import Decimal
 import stripe
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 from djstripe.models import Customer as StripeCustomer
 
 from billing.errors import BillingError
@@ -180,11 +181,16 @@ def purchase_charge(*, purchase_id: int, off_session: bool) -> stripe.PaymentInt
             )
         except stripe.CardError as error:
             intent = error.error.payment_intent if error.error else None
-            if intent is None:
-                raise PaymentError(error.user_message or "The card was declined.") from None
-        purchase.payment_reference = intent.id
-        purchase.save(update_fields=["payment_reference"])
-    return intent
+            declined = error.user_message or "The card was declined."
+        if intent is not None:
+            purchase.payment_reference = intent.id
+            purchase.save(update_fields=["payment_reference"])
+            return intent
+    # Declined with no intent to follow (no webhook will come): fail it now.
+    from billing.services.stripe_webhooks import purchase_payment_failed
+
+    purchase_payment_failed(purchase_id=purchase_id, reason=declined, now=timezone.now())
+    raise PaymentError(declined)
 
 
 # --- The base fee subscription ------------------------------------------------------------
@@ -283,8 +289,6 @@ def _find_stripe_invoice(subscription_id: str, number: str):
 
 
 def _record_stripe_invoice(invoice: Invoice, remote) -> None:
-    from django.utils import timezone
-
     invoice.stripe_invoice_id = remote.id
     invoice.stripe_status = remote.status
     invoice.stripe_total = from_minor(remote.total, invoice.currency)

@@ -67,13 +67,23 @@ def payment_failed(intent: dict, now: datetime) -> str:
     purchase = _purchase_for(intent)
     if purchase is None:
         return "not a credit purchase"
-    purchase = CreditPurchase.objects.select_for_update().select_related("customer", "pack").get(pk=purchase.pk)
+    error = intent.get("last_payment_error") or {}
+    return purchase_payment_failed(purchase_id=purchase.pk, reason=error.get("message") or "The payment failed.",
+                                   payment_reference=intent["id"], now=now)
+
+
+@transaction.atomic
+def purchase_payment_failed(*, purchase_id: int, reason: str, now: datetime,
+                            payment_reference: str | None = None) -> str:
+    """A pack or top-up payment failed: no credits, the customer is told, and a top-up
+    that keeps failing is switched off. A failure reported after the success, or twice,
+    changes nothing."""
+    purchase = CreditPurchase.objects.select_for_update().select_related("customer", "pack").get(pk=purchase_id)
     if purchase.status != CreditPurchase.Status.PENDING:
         return f"purchase {purchase.pk} is {purchase.status}: unchanged"
-    error = intent.get("last_payment_error") or {}
     purchase.status = CreditPurchase.Status.FAILED
-    purchase.failure_reason = (error.get("message") or "The payment failed.")[:255]
-    purchase.payment_reference = intent["id"]
+    purchase.failure_reason = reason[:255]
+    purchase.payment_reference = payment_reference or purchase.payment_reference
     purchase.save(update_fields=["status", "failure_reason", "payment_reference"])
     customer = purchase.customer
     what = "automatic top-up" if purchase.source == CreditPurchase.Source.AUTO_TOPUP else "purchase"

@@ -4,16 +4,19 @@ grants at once in local mode and waits for the payment webhook with Stripe."""
 
 import uuid
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+from stripe import StripeError
 
 from billing.models import AutoTopUp, CreditPurchase
 from billing.services.customers import live_subscription
-from billing.services.purchases import auto_topup_configure, credits_remaining, purchase_pack
+from billing.services.purchases import auto_topup_configure, credits_remaining, payments_through_stripe, purchase_pack
+from billing.services.stripe_sync import card_save, card_setup_intent, purchase_charge
 from plans.errors import DomainError
 from plans.models import CreditPack
 from plans.money import format_credits
@@ -41,7 +44,13 @@ def topup_initial(customer) -> dict:
 def render_credits(request, customer, *, topup_form=None, purchase_error=None, status=200):
     packs = packs_for(customer)
     topup = AutoTopUp.objects.filter(customer=customer).first()
+    stripe = payments_through_stripe()
     context = {
+        "stripe": stripe,
+        # Saving a card: a SetupIntent the page confirms with Stripe Elements.
+        "setup_intent": card_setup_intent(customer=customer) if stripe and not customer.stripe_payment_method_id
+        else None,
+        "stripe_js_url": settings.STRIPE_JS_URL, "stripe_publishable_key": settings.STRIPE_PUBLISHABLE_KEY,
         "customer": customer,
         # One fresh key per form per render: resubmitting this page's form reuses it.
         "packs": [(pack, str(uuid.uuid4())) for pack in packs],
@@ -72,9 +81,14 @@ def buy_pack(request):
     if not packs_for(customer).filter(code=pack_code).exists():
         return render_credits(request, customer, purchase_error="That pack is not on sale.", status=400)
     now = timezone.now()
+    if payments_through_stripe() and not customer.stripe_payment_method_id:
+        return render_credits(request, customer, purchase_error="Save a card first.", status=400)
     try:
         purchase, created = purchase_pack(customer=customer, pack_code=pack_code, now=now,
                                           idempotency_key=f"portal:{form.cleaned_data['idempotency_key']}")
+        if payments_through_stripe():
+            purchase_charge(purchase_id=purchase.pk, off_session=False)  # credits come with the webhook
+            purchase.refresh_from_db()
     except DomainError as error:
         return render_credits(request, customer, purchase_error=error.message, status=400)
     if purchase.status == CreditPurchase.Status.PAID:
@@ -111,8 +125,24 @@ def auto_topup(request):
     return render_credits(request, customer, topup_form=form, status=400)
 
 
+@login_required
+@require_POST
+def save_card(request):
+    """After Stripe Elements confirmed the SetupIntent in the browser: keep the card."""
+    customer = customer_of(request)
+    try:
+        card_save(customer_id=customer.pk, setup_intent_id=request.POST.get("setup_intent", "")[:255])
+    except (DomainError, StripeError):
+        return render_credits(request, customer, purchase_error="That card could not be saved; please try again.",
+                              status=400)
+    customer.refresh_from_db()
+    messages.success(request, f"Card saved: {customer.card_summary}.")
+    return redirect("portal:credits")
+
+
 urlpatterns = [
     path("credits/", credits, name="credits"),
+    path("credits/card/", save_card, name="credits-card"),
     path("credits/buy/", buy_pack, name="credits-buy"),
     path("credits/auto-top-up/", auto_topup, name="credits-auto-topup"),
 ]

@@ -101,3 +101,77 @@ def test_buying_a_pack_grants_its_credits_once_on_the_webhook(stripe_mode, webho
     assert purchase.status == "paid" and purchase.payment_reference == intent.id
     assert CreditGrant.objects.filter(customer=customer, source="purchase").count() == 1
     assert credits_remaining(customer, timezone.now()) - before == Decimal("5000")
+
+
+def topup_customer(number="4242424242424242") -> Customer:
+    customer = save_card(new_customer(), number)
+    auto_topup_configure(customer=customer, enabled=True, pack_code="boost", threshold=Decimal("1000"))
+    record_event(event=EventInput(event_id="burn", customer="acme", feature="api", quantity=Decimal("9500"),
+                                  timestamp=NOW), now=NOW)  # 500 left: under the threshold, a top-up is bought
+    return customer
+
+
+def test_an_automatic_top_up_is_charged_off_session_and_credited_once(stripe_mode, webhook_endpoint, catalogue):
+    customer = topup_customer()
+    purchase = CreditPurchase.objects.get(customer=customer, source="auto_topup")
+    assert purchase.payment_reference.startswith("pi_")  # charged after commit, off-session
+    assert run_auto_topup(customer_id=customer.pk, now=NOW) is None  # awaiting the webhook: no second purchase
+
+    [event] = stripe_events("payment_intent.succeeded", id=purchase.payment_reference)
+    for _ in range(3):
+        deliver(webhook_endpoint, event)
+
+    purchase.refresh_from_db()
+    assert purchase.status == "paid"
+    assert CreditGrant.objects.filter(customer=customer, source="auto_topup").count() == 1
+    assert credits_remaining(customer, timezone.now()) == Decimal("5500")
+    assert stripe.PaymentIntent.retrieve(purchase.payment_reference).amount == 1250
+
+
+def test_a_failed_top_up_grants_nothing_notifies_and_three_in_a_row_switch_it_off(stripe_mode, webhook_endpoint,
+                                                                                  catalogue, settings):
+    settings.OVERAGE_TOPUP_MAX_FAILURES = 3
+    customer = topup_customer(number="4000000000000341")  # saves fine, every charge is declined
+    for attempt in range(1, 4):
+        purchase = CreditPurchase.objects.filter(customer=customer, source="auto_topup").latest("pk")
+        assert (purchase.status, purchase.failure_reason) == ("failed", "Your card was declined.")
+        assert AutoTopUp.objects.get(customer=customer).consecutive_failures == attempt
+        run_auto_topup(customer_id=customer.pk, now=timezone.now())  # the next check buys again, until switched off
+
+    topup = AutoTopUp.objects.get(customer=customer)
+    assert topup.enabled is False and "3 failed payments" in topup.disabled_reason
+    assert CreditPurchase.objects.filter(customer=customer, source="auto_topup").count() == 3
+    assert not CreditGrant.objects.filter(customer=customer, source="auto_topup").exists()
+    assert credits_remaining(customer, timezone.now()) == Decimal("500")
+    notes = list(Notification.objects.filter(customer=customer, title__startswith="Payment failed"))
+    assert len(notes) == 3 and "Switched off after 3 failed payments" in notes[0].body
+    assert [m.to for m in mail.outbox if m.subject.startswith("Payment failed")] == [["ap@acme.test"]] * 3
+
+
+def test_the_stripe_invoice_for_a_closed_period_equals_ours_to_the_cent(stripe_mode, webhook_endpoint, catalogue):
+    from plans.models import OverageTier, Plan
+
+    plan = Plan.objects.get(code="pro")
+    OverageTier.objects.create(plan=plan, up_to=Decimal("1000"), unit_price=Decimal("0.002"))
+    OverageTier.objects.create(plan=plan, up_to=None, unit_price=Decimal("0.0015"))
+    customer = save_card(new_customer())
+    record_event(event=EventInput(event_id="may", customer="acme", feature="api", quantity=Decimal("12345.5"),
+                                  timestamp=NOW), now=NOW)
+    period = customer.periods.get(start=MAY)
+
+    with time_machine.travel(utc(2026, 6, 1, 2), tick=True):
+        ours = close_period(period_id=period.pk, now=timezone.now())  # pushed to Stripe after commit
+
+    ours.refresh_from_db()
+    remote = stripe.Invoice.retrieve(ours.stripe_invoice_id)
+    # 2 345.5 credits over: 1 000 × 0.002 + 1 345.5 × 0.0015 = 2.00 + 2.01825 → 4.02; + 49.00 for June.
+    assert ours.total == Decimal("53.02")
+    assert remote.total == 5302 and ours.stripe_total == Decimal("53.02") and not ours.stripe_disagrees
+    assert sorted(line.amount for line in remote.lines.data) == [402, 4900]
+    assert remote.status == "paid"
+    [paid] = stripe_events("invoice.payment_succeeded", id=remote.id)
+    deliver(webhook_endpoint, paid)
+    ours.refresh_from_db()
+    assert (ours.status, ours.stripe_status) == ("paid", "paid")
+    assert close_period(period_id=period.pk, now=utc(2026, 6, 1, 3)).pk == ours.pk  # a second close: one invoice
+    assert len(stripe.Invoice.list(customer=customer.stripe_customer.id, limit=100).data) == 2  # start + June
