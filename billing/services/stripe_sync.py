@@ -244,7 +244,8 @@ def invoice_push(*, invoice_id: int) -> Invoice:
     plus those items) is created and charged. Its total must equal ours to the cent;
     `stripe_total` records Stripe's, and the admin flags a difference."""
     with transaction.atomic():
-        invoice = Invoice.objects.select_for_update().select_related("subscription", "customer").get(pk=invoice_id)
+        invoice = (Invoice.objects.select_for_update(of=("self",)).select_related("subscription", "customer")
+                   .get(pk=invoice_id))  # of=self: PostgreSQL cannot lock the nullable side of a join
         if invoice.stripe_invoice_id or invoice.kind != Invoice.Kind.PERIOD_CLOSE:
             return invoice
         subscription = invoice.subscription
