@@ -24,6 +24,7 @@ from billing.selectors_usage import (
     period_events,
     previous_period,
 )
+from billing.services.customers import current_period
 from plans.models import Feature
 from portal.access import customer_of
 from portal.views.dashboard import render_page, wants_partial
@@ -64,15 +65,16 @@ class Bar:
     title: str
 
 
-def selected_period(request, customer: Customer) -> BillingPeriod | None:
-    """The period in `?period=` (404 unless it is this customer's), else the current one."""
+def selected_period(request, customer: Customer, current: BillingPeriod | None) -> BillingPeriod | None:
+    """The period in `?period=` (404 unless it is this customer's), else the current one
+    (else, with no live subscription, the latest)."""
     period_id = request.GET.get("period")
     if period_id:
         period = customer_period(customer, period_id)
         if period is None:
             raise Http404("No such period.")
         return period
-    return customer_periods(customer).filter(start__lte=timezone.now()).select_related("plan").first()
+    return current or customer_periods(customer).filter(start__lte=timezone.now()).select_related("plan").first()
 
 
 def daily_chart(current: list, previous: list) -> dict:
@@ -132,8 +134,11 @@ class CountedPaginator(Paginator):
 @login_required
 def usage(request):
     customer = customer_of(request)
-    period = selected_period(request, customer)
-    context = {"customer": customer, "period": period, "periods": customer_periods(customer)}
+    # As on the dashboard: opens the period now in force if its row does not exist yet
+    # (just after a period ends), so the one that ended is never taken for the current one.
+    current = current_period(customer=customer, now=timezone.now())
+    period = selected_period(request, customer, current)
+    context = {"customer": customer, "period": period, "periods": customer_periods(customer), "current": current}
     if period is None:
         return render_page(request, "portal/usage.html", "events", context)
     form = EventFilters(request.GET)
@@ -173,7 +178,7 @@ def plain(amount: Decimal) -> str:
 @login_required
 def usage_csv(request):
     customer = customer_of(request)
-    period = selected_period(request, customer)
+    period = selected_period(request, customer, current_period(customer=customer, now=timezone.now()))
     if period is None:
         raise Http404("No billing period yet.")
     events = period_events(customer, period, **EventFilters(request.GET).filters())

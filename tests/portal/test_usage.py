@@ -215,6 +215,25 @@ def test_an_htmx_history_restore_gets_the_full_page_with_its_charts(client, acme
     assert "HX-Request" in response["Vary"]
 
 
+def test_just_after_a_period_ends_the_new_period_is_the_current_one(client, acme):
+    """At 00:30 on June 1 no June period row exists until something opens it: May has
+    ended and must not be labelled (or shown as) the current period."""
+    with time_machine.travel(utc(2026, 6, 1, 0, 30), tick=False):
+        page = client.get("/portal/usage/").content.decode()
+        export = client.get("/portal/usage/events.csv")
+
+    april, may, june = BillingPeriod.objects.filter(customer=acme).order_by("start")
+    assert re.findall(r'<option value="(\d+)"( selected)?>([^<]*)</option>', page) == [
+        (str(june.pk), " selected", "Jun 1, 2026 – Jul 1, 2026 (current)"),
+        (str(may.pk), "", "May 1, 2026 – Jun 1, 2026"),
+        (str(april.pk), "", "Apr 1, 2026 – May 1, 2026"),
+    ]
+    assert '<p class="muted" id="event-count">0 events</p>' in page
+    assert "No events match." in page
+    assert export["Content-Disposition"] == 'attachment; filename="usage-acme-2026-06-01.csv"'
+    assert [row[0] for row in csv_rows(export)] == ["event_id"]
+
+
 @time_machine.travel(NOW, tick=False)
 def test_another_customers_period_is_not_found_and_their_data_never_shows(client, acme, django_user_model):
     april, may = periods(acme)
