@@ -28,3 +28,22 @@ def test_the_invoice_list_flags_a_stripe_total_that_differs_from_ours(admin_clie
 
     assert "⚠ Stripe USD 50.99 ≠ ours USD 51.00</strong> (open)" in page and "paid ✓" in page
     assert june.number in flagged and Invoice.objects.get(kind="subscription_start").number not in flagged
+
+
+def test_the_portal_shows_a_failed_or_past_due_card_payment(client, django_user_model):
+    from billing.models import CustomerMember
+
+    FeatureFactory(code="api")
+    customer = make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
+    invoice = Invoice.objects.get(kind="subscription_start")
+    user = django_user_model.objects.create_user("ap@acme.test", "ap@acme.test", "pw")
+    CustomerMember.objects.create(user=user, customer=customer, is_owner=True)
+    client.force_login(user)
+
+    Invoice.objects.filter(pk=invoice.pk).update(stripe_invoice_id="in_1", stripe_status="payment_failed")
+    failed = client.get(f"/portal/invoices/{invoice.number}/").content.decode()
+    Invoice.objects.filter(pk=invoice.pk).update(stripe_status="past_due")
+    past_due = client.get(f"/portal/invoices/{invoice.number}/").content.decode()
+
+    assert '<span class="status status-void" id="invoice-payment">Card payment failed</span>' in failed
+    assert '<span class="status status-void" id="invoice-payment">Past due</span>' in past_due
