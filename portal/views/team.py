@@ -3,13 +3,13 @@
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import PasswordResetForm
+from django.contrib.sites.shortcuts import get_current_site
 from django.http import HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import path
 
 from billing.models import CustomerMember
-from billing.services.team import member_invite
+from billing.services.team import member_invite, member_send_invitation
 from plans.errors import DomainError
 from portal.access import customer_of
 
@@ -31,13 +31,9 @@ def team(request):
         except DomainError as error:
             form.add_error("email" if error.field == "email" else None, error.message)
         else:
-            # The invitation is Django's set-password email: a one-time link, no password mailed.
-            reset = PasswordResetForm({"email": member.user.email})
-            reset.is_valid()
-            reset.save(request=request, use_https=request.is_secure(),
-                       subject_template_name="portal/invite_subject.txt",
-                       email_template_name="portal/invite_email.txt",
-                       extra_email_context={"customer": customer, "inviter": request.user})
+            # A one-time set-password link for this member's login only; no password mailed.
+            member_send_invitation(member=member, inviter=request.user, domain=get_current_site(request).domain,
+                                   use_https=request.is_secure())
             messages.success(request, f"We emailed {member.user.email} a link to set their password.")
             return redirect("portal:team")
     members = CustomerMember.objects.filter(customer=customer).select_related("user").order_by("-is_owner",
