@@ -3,7 +3,6 @@ selectors, render a page or (for htmx) one of its partials."""
 
 from decimal import Decimal
 
-from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 from django.utils.cache import patch_vary_headers
 from django.utils import timezone
@@ -13,7 +12,7 @@ from billing.selectors import best_plan_saving, period_usage, scheduled_plan, us
 
 from django.urls import path
 
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 
 # Progress bar colours change here (percent of included credits used).
 WARN_AT, FULL_AT = Decimal("80"), Decimal("100")
@@ -33,7 +32,7 @@ def render_page(request, template: str, partial: str, context: dict):
     return response
 
 
-@login_required
+@portal_login_required
 def dashboard(request):
     customer = customer_of(request)
     now = timezone.now()

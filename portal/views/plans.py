@@ -1,7 +1,6 @@
 """Upgrade suggestions and changing plan, with a confirmation step."""
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import path
@@ -11,10 +10,10 @@ from billing.selectors import period_usage, scheduled_plan
 from billing.services.plan_changes import is_upgrade, remaining_fraction, subscription_change_plan
 from plans.errors import DomainError
 from plans.models import Plan
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 
 
-@login_required
+@portal_login_required
 def change_plan(request, code: str):
     """GET: what changing to `code` means, to confirm; POST: change. Choosing the plan
     in force is allowed only while a downgrade is scheduled: it cancels that change."""

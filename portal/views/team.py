@@ -2,7 +2,6 @@
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.contrib.sites.shortcuts import get_current_site
 from django.http import HttpResponseForbidden
 from django.shortcuts import redirect, render
@@ -11,14 +10,14 @@ from django.urls import path
 from billing.models import CustomerMember
 from billing.services.team import member_invite, member_send_invitation
 from plans.errors import DomainError
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 
 
 class InviteForm(forms.Form):
     email = forms.EmailField(label="Teammate's email")
 
 
-@login_required
+@portal_login_required
 def team(request):
     customer = customer_of(request)
     is_owner = CustomerMember.objects.filter(user=request.user, customer=customer, is_owner=True).exists()

@@ -7,7 +7,6 @@ from datetime import UTC
 from decimal import Decimal
 
 from django import forms
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import Http404, StreamingHttpResponse
 from django.urls import path
@@ -26,7 +25,7 @@ from billing.selectors_usage import (
 )
 from billing.services.customers import current_period
 from plans.models import Feature
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 from portal.views.dashboard import render_page, wants_partial
 
 EVENTS_PER_PAGE = 50
@@ -131,7 +130,7 @@ class CountedPaginator(Paginator):
         return self.known_count
 
 
-@login_required
+@portal_login_required
 def usage(request):
     customer = customer_of(request)
     # As on the dashboard: opens the period now in force if its row does not exist yet
@@ -175,7 +174,7 @@ def plain(amount: Decimal) -> str:
     return f"{amount.normalize():f}"
 
 
-@login_required
+@portal_login_required
 def usage_csv(request):
     customer = customer_of(request)
     period = selected_period(request, customer, current_period(customer=customer, now=timezone.now()))
