@@ -19,6 +19,7 @@ from billing.errors import BillingError
 from billing.models import BillingPeriod, Customer, SpendCapApproval
 from billing.services.locks import lock_customer
 from plans.models import Plan
+from plans.money import format_money
 
 
 def business_cap(plan: Plan, customer: Customer) -> Decimal | None:
@@ -50,7 +51,8 @@ def customer_set_spend_cap(*, customer: Customer, spend_cap: Decimal | None, now
         subscription = live_subscription(customer)
         limit = business_cap(subscription.plan, customer) if subscription else None
         if limit is not None and spend_cap > limit:
-            raise BillingError(f"The spend cap cannot exceed the plan's cap of {limit}.",
+            raise BillingError(f"The spend cap cannot exceed the plan's cap of "
+                               f"{format_money(limit, subscription.plan.currency)}.",
                                code="spend_cap_above_business_cap", field="spend_cap")
     customer.spend_cap = spend_cap
     customer.save(update_fields=["spend_cap"])
@@ -72,8 +74,8 @@ def approve_higher_cap(*, customer: Customer, cap: Decimal, now: datetime, appro
         raise BillingError("This plan pauses at its cap; it does not take approvals.", code="approval_not_allowed")
     current = effective_overage_cap(period.plan, customer, period)
     if current is not None and cap <= current:
-        raise BillingError(f"An approval must raise the cap above the current {current}.", code="cap_not_higher",
-                           field="cap")
+        raise BillingError(f"An approval must raise the cap above the current "
+                           f"{format_money(current, period.plan.currency)}.", code="cap_not_higher", field="cap")
     # Approving a higher cap supersedes the customer's own lower cap; they may set a new
     # one afterwards, which then lowers the approved cap again.
     Customer.objects.filter(pk=customer.pk).update(spend_cap=None)

@@ -33,7 +33,7 @@ def test_the_customer_lowers_their_cap_and_cannot_raise_it_past_the_plan(client,
     too_high = client.post("/portal/controls/", {"action": "spend_cap", "spend_cap": "25"})
     saved = client.post("/portal/controls/", {"action": "spend_cap", "spend_cap": "3"}, follow=True)
 
-    assert "The spend cap cannot exceed the plan&#x27;s cap of 20.0000." in too_high.content.decode()
+    assert "The spend cap cannot exceed the plan&#x27;s cap of USD 20.00." in too_high.content.decode()
     assert "Your spend cap is saved." in saved.content.decode()
     assert '<strong id="cap-in-force">USD 3.00</strong>' in saved.content.decode()
     acme.refresh_from_db()
@@ -55,6 +55,14 @@ def test_at_the_cap_the_customer_approves_a_higher_one_and_usage_resumes(client,
     assert (approval.cap, approval.approved_by.username) == (Decimal("50"), "ap@acme.test")
     assert check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("1"),
                              now=NOW).allowed
+
+
+@time_machine.travel(NOW, tick=False)
+def test_an_approval_not_above_the_cap_in_force_is_refused_in_money(client, acme):
+    response = client.post("/portal/controls/", {"action": "approve_cap", "cap": "15"})
+
+    assert "An approval must raise the cap above the current USD 20.00." in response.content.decode()
+    assert not SpendCapApproval.objects.exists()
 
 
 @time_machine.travel(NOW, tick=False)
