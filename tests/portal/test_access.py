@@ -107,7 +107,7 @@ def attempts(routes: dict, acme_invoice: Invoice, globex_invoice: Invoice):
         elif name in ("usage", "usage-csv"):
             base = "/portal/usage/" if name == "usage" else "/portal/usage/events.csv"
             yield name, f"{base}?period={globex_period.pk}", True
-            yield name, f"{base}?feature=api&start=2026-05-01&end=2026-06-30", False
+            yield name, f"{base}?feature=api&from=2026-05-01&to=2026-06-30", False
         elif name == "change-plan":
             yield name, "/portal/plan/change/scale/", False  # changes only the logged-in account
         else:
