@@ -1,10 +1,8 @@
 """The portal in a real browser (Debian's Chromium driven by Playwright) against a live
 server: what a customer does and sees."""
 
-import os
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -12,29 +10,10 @@ from django.utils import timezone
 
 from billing.models import CustomerMember
 from billing.services.api_keys import api_key_create
+from tests.browser import BROWSER_TEST, SCREENSHOTS, browser, log_in  # noqa: F401 - browser is a fixture
 from tests.factories import FeatureFactory, make_customer, pro_plan
 
-# Playwright's sync API runs an event loop in this thread; the ORM calls made here are
-# plain synchronous test setup.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-CHROMIUM = "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture
@@ -47,14 +26,6 @@ def acme():
     user = get_user_model().objects.create_user("ap@acme.test", "ap@acme.test", "pw-acme-123")
     CustomerMember.objects.create(user=user, customer=customer, is_owner=True)
     return customer
-
-
-def log_in(page, live_server):
-    page.goto(f"{live_server.url}/portal/")
-    page.fill("#id_username", "ap@acme.test")
-    page.fill("#id_password", "pw-acme-123")
-    page.click("button[type=submit]")
-    page.wait_for_selector("#figures")
 
 
 def test_an_event_sent_through_the_api_shows_on_the_dashboard_without_a_reload(browser, live_server, acme):

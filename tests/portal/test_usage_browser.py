@@ -2,10 +2,8 @@
 events by feature and download exactly those as CSV."""
 
 import csv
-import os
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -13,29 +11,10 @@ from django.utils import timezone
 
 from billing.models import CustomerMember
 from billing.services.metering import EventInput, record_event
+from tests.browser import BROWSER_TEST, SCREENSHOTS, browser, log_in  # noqa: F401 - browser is a fixture
 from tests.factories import FeatureFactory, make_customer, pro_plan
 
-# Playwright's sync API runs an event loop in this thread; the ORM calls made here are
-# plain synchronous test setup.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-CHROMIUM = "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
+pytestmark = BROWSER_TEST
 
 
 @pytest.fixture
@@ -60,11 +39,7 @@ def acme():
 
 def test_filter_usage_by_feature_and_export_exactly_that_as_csv(browser, live_server, acme, tmp_path):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
-    page.goto(f"{live_server.url}/portal/")
-    page.fill("#id_username", "ap@acme.test")
-    page.fill("#id_password", "pw-acme-123")
-    page.click("button[type=submit]")
-    page.wait_for_selector("#figures")
+    log_in(page, live_server)
 
     page.click("nav >> text=Usage")
     page.wait_for_selector("#daily-chart")

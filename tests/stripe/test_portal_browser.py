@@ -3,12 +3,9 @@
 with a PaymentIntent, and the credits appear when localstripe delivers the
 `payment_intent.succeeded` webhook to the live server: no reload by the customer."""
 
-import os
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
-import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
@@ -16,26 +13,10 @@ from billing.models import CreditPurchase, CustomerMember
 from billing.services.customers import customer_create
 from billing.services.stripe_sync import webhook_endpoint_ensure
 from plans.models import CreditPack
+from tests.browser import BROWSER_TEST, SCREENSHOTS, browser, log_in  # noqa: F401 - browser is a fixture
 from tests.factories import FeatureFactory, pro_plan
 
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-CHROMIUM = "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
-]
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield browser
-        browser.close()
+pytestmark = BROWSER_TEST
 
 
 def test_the_customer_saves_a_card_in_elements_and_buys_a_pack(browser, live_server, stripe_mode):
@@ -50,10 +31,7 @@ def test_the_customer_saves_a_card_in_elements_and_buys_a_pack(browser, live_ser
     user = get_user_model().objects.create_user("ap@acme.test", "ap@acme.test", "pw-acme-123")
     CustomerMember.objects.create(user=user, customer=customer, is_owner=True)
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
-    page.goto(f"{live_server.url}/portal/credits/")
-    page.fill("#id_username", "ap@acme.test")
-    page.fill("#id_password", "pw-acme-123")
-    page.click("button[type=submit]")
+    log_in(page, live_server, "/portal/credits/", then="#balance")
     assert page.text_content("#balance").strip() == "10,000"
 
     for field, value in (("number", "4242424242424242"), ("exp_month", "12"), ("exp_year", "30"),
