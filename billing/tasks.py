@@ -1,5 +1,6 @@
 """Celery tasks: thin wrappers that call a service with the current time."""
 
+import stripe
 from celery import shared_task
 from django.utils import timezone
 
@@ -102,43 +103,31 @@ def recognise_revenue_task() -> int:
 
 # --- Stripe (only enqueued when Stripe is configured) -------------------------------------
 # Each service looks for what an earlier attempt created before creating anything, so a
-# task run twice, or retried after a lost acknowledgement, creates nothing twice.
-STRIPE_RETRY = dict(acks_late=True, retry_backoff=30, retry_backoff_max=1800, max_retries=8)
+# task run twice, or retried after a lost acknowledgement, creates nothing twice. Stripe
+# unreachable, rate limiting or a Stripe-side error: retried with backoff.
+STRIPE_RETRY = dict(acks_late=True, autoretry_for=(stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError),
+                    retry_backoff=30, retry_backoff_max=1800, max_retries=8)
 
 
-def _stripe_errors():
-    import stripe
-
-    return (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
-
-
-@shared_task(**STRIPE_RETRY, bind=True)
-def stripe_push_customer_task(self, customer_id: int) -> None:
+@shared_task(**STRIPE_RETRY)
+def stripe_push_customer_task(customer_id: int) -> None:
     from billing.services.stripe_sync import customer_push
 
-    try:
-        customer_push(customer_id=customer_id)
-    except _stripe_errors() as error:
-        raise self.retry(exc=error) from error
+    customer_push(customer_id=customer_id)
 
 
-@shared_task(**STRIPE_RETRY, bind=True)
-def stripe_charge_purchase_task(self, purchase_id: int, off_session: bool = True) -> None:
+@shared_task(**STRIPE_RETRY)
+def stripe_charge_purchase_task(purchase_id: int, off_session: bool = True) -> None:
     from billing.services.stripe_sync import PaymentError, purchase_charge
 
     try:
         purchase_charge(purchase_id=purchase_id, off_session=off_session)
     except PaymentError:
         pass  # declined: the purchase is marked failed and the customer told
-    except _stripe_errors() as error:
-        raise self.retry(exc=error) from error
 
 
-@shared_task(**STRIPE_RETRY, bind=True)
-def stripe_push_invoice_task(self, invoice_id: int) -> None:
+@shared_task(**STRIPE_RETRY)
+def stripe_push_invoice_task(invoice_id: int) -> None:
     from billing.services.stripe_sync import invoice_push
 
-    try:
-        invoice_push(invoice_id=invoice_id)
-    except _stripe_errors() as error:
-        raise self.retry(exc=error) from error
+    invoice_push(invoice_id=invoice_id)
