@@ -33,10 +33,6 @@ from plans.money import minor_unit_exponent, round_money
 logger = logging.getLogger(__name__)
 
 
-def stripe_enabled() -> bool:
-    return bool(settings.STRIPE_SECRET_KEY)
-
-
 def configure_sdk() -> None:
     """Point the Stripe SDK (ours and dj-stripe's) at the configured account, or at
     localstripe when STRIPE_API_BASE says so."""
@@ -44,17 +40,6 @@ def configure_sdk() -> None:
         stripe.api_key = settings.STRIPE_SECRET_KEY
     if settings.STRIPE_API_BASE:
         stripe.api_base = settings.STRIPE_API_BASE
-        _localstripe_compatibility()
-
-
-def _localstripe_compatibility() -> None:
-    """localstripe cannot expand discounts, which dj-stripe asks for when it mirrors
-    invoices, subscriptions and invoice items from a webhook; against localstripe only,
-    mirror them without."""
-    from djstripe.models import Invoice as StripeInvoice, InvoiceItem, Subscription
-
-    for model in (StripeInvoice, InvoiceItem, Subscription):
-        model.expand_fields = [name for name in model.expand_fields if "discounts" not in name]
 
 
 def to_minor(amount: Decimal, currency: str) -> int:

@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from billing.models import Customer
-from billing.services.stripe_sync import customer_resync, stripe_enabled
+from billing.services.purchases import payments_through_stripe
+from billing.services.stripe_sync import customer_resync
 
 
 class Command(BaseCommand):
@@ -15,7 +16,7 @@ class Command(BaseCommand):
         parser.add_argument("external_id")
 
     def handle(self, *args, external_id, **options):
-        if not stripe_enabled():
+        if not payments_through_stripe():
             raise CommandError("STRIPE_SECRET_KEY is not set: Overage invoices locally.")
         customer = Customer.objects.filter(external_id=external_id).first()
         if customer is None:

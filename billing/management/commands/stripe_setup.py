@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from billing.errors import BillingError
 from billing.models import Customer
-from billing.services.stripe_sync import customer_push, stripe_enabled, webhook_endpoint_ensure
+from billing.services.purchases import payments_through_stripe
+from billing.services.stripe_sync import customer_push, webhook_endpoint_ensure
 
 
 class Command(BaseCommand):
@@ -16,7 +17,7 @@ class Command(BaseCommand):
         parser.add_argument("--skip-customers", action="store_true")
 
     def handle(self, *args, base_url, skip_customers, **options):
-        if not stripe_enabled():
+        if not payments_through_stripe():
             raise CommandError("STRIPE_SECRET_KEY is not set: Overage invoices locally.")
         try:
             endpoint = webhook_endpoint_ensure(base_url=base_url)
