@@ -4,7 +4,6 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils import timezone
@@ -15,7 +14,7 @@ from billing.services.caps import approve_higher_cap, business_cap, customer_set
 from billing.services.preferences import alert_preference, alert_preferences_set
 from plans.errors import DomainError
 from plans.models import Plan
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 
 
 class SpendCapForm(forms.Form):
@@ -55,7 +54,7 @@ def _apply(form, service, **kwargs) -> bool:
         return False
 
 
-@login_required
+@portal_login_required
 def controls(request):
     customer = customer_of(request)
     now = timezone.now()

@@ -6,7 +6,6 @@ import uuid
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils import timezone
@@ -20,7 +19,7 @@ from billing.services.stripe_sync import card_save, card_setup_intent, purchase_
 from plans.errors import DomainError
 from plans.models import CreditPack
 from plans.money import format_credits
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 from portal.forms import AutoTopUpForm, PackPurchaseForm
 
 
@@ -64,12 +63,12 @@ def render_credits(request, customer, *, topup_form=None, purchase_error=None, s
     return render(request, "portal/credits.html", context, status=status)
 
 
-@login_required
+@portal_login_required
 def credits(request):
     return render_credits(request, customer_of(request))
 
 
-@login_required
+@portal_login_required
 @require_POST
 def buy_pack(request):
     customer = customer_of(request)
@@ -102,7 +101,7 @@ def buy_pack(request):
     return redirect("portal:credits")
 
 
-@login_required
+@portal_login_required
 @require_POST
 def auto_topup(request):
     customer = customer_of(request)
@@ -125,7 +124,7 @@ def auto_topup(request):
     return render_credits(request, customer, topup_form=form, status=400)
 
 
-@login_required
+@portal_login_required
 @require_POST
 def save_card(request):
     """After Stripe Elements confirmed the SetupIntent in the browser: keep the card."""

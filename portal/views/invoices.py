@@ -4,13 +4,12 @@ number is a 404, not a hint that it exists."""
 
 from decimal import Decimal
 
-from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, render
 from django.urls import path
 
 from billing.models import Invoice, InvoiceLine
 from billing.selectors import overage_line_usage
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 
 
 def unit_price_text(rate, currency: str) -> str:
@@ -18,14 +17,14 @@ def unit_price_text(rate, currency: str) -> str:
     return f"{currency} {Decimal(rate).normalize():f}"
 
 
-@login_required
+@portal_login_required
 def invoice_list(request):
     customer = customer_of(request)
     invoices = Invoice.objects.filter(customer=customer).select_related("period")
     return render(request, "portal/invoices.html", {"customer": customer, "invoices": invoices})
 
 
-@login_required
+@portal_login_required
 def invoice_detail(request, number: str):
     customer = customer_of(request)
     invoice = get_object_or_404(Invoice.objects.select_related("period", "period__plan"),
@@ -42,7 +41,7 @@ def invoice_detail(request, number: str):
     return render(request, "portal/invoice.html", {"customer": customer, "invoice": invoice, "lines": lines})
 
 
-@login_required
+@portal_login_required
 def invoice_line(request, number: str, line_id: int):
     customer = customer_of(request)
     line = get_object_or_404(InvoiceLine.objects.select_related("invoice", "period"),

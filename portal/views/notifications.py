@@ -1,6 +1,5 @@
 """In-app notifications (alerts), newest first; the header shows the unread count."""
 
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.urls import path
@@ -9,17 +8,17 @@ from django.views.decorators.http import require_POST
 
 from billing.models import Notification
 from billing.services.preferences import notifications_mark_read
-from portal.access import customer_of
+from portal.access import customer_of, portal_login_required
 
 
-@login_required
+@portal_login_required
 def notifications(request):
     customer = customer_of(request)
     page = Paginator(Notification.objects.filter(customer=customer), 25).get_page(request.GET.get("page"))
     return render(request, "portal/notifications.html", {"customer": customer, "page": page})
 
 
-@login_required
+@portal_login_required
 @require_POST
 def mark_read(request):
     customer = customer_of(request)

@@ -178,3 +178,15 @@ def test_forms_refuse_a_post_without_the_csrf_token(accounts):
     for route in ("controls/", "credits/buy/", "credits/auto-top-up/", "notifications/read/", "team/",
                   "plan/change/scale/"):
         assert client.post(f"/portal/{route}", GLOBEX_FORM).status_code == 403, route
+
+
+def test_every_route_sends_an_anonymous_htmx_request_to_log_in_as_a_whole_page(accounts):
+    """A poll or form from a tab whose session ended (the credits page polls while a
+    payment is pending) gets an HX-Redirect, never the login form swapped into a fragment."""
+    _, acme_invoice, globex_invoice = accounts
+    anonymous = Client()
+    for method in ("get", "post"):
+        for name, url, _ in attempts(portal_routes(), acme_invoice, globex_invoice):
+            response = getattr(anonymous, method)(url, headers={"HX-Request": "true"})
+            assert response.status_code == 200, (method, name, response.status_code)
+            assert response["HX-Redirect"].startswith("/portal/login/?next="), (method, name)
