@@ -43,22 +43,26 @@ def remaining_fraction(period: BillingPeriod, now: datetime) -> Decimal:
 
 @transaction.atomic
 def subscription_change_plan(*, customer, plan_code: str, now: datetime) -> Subscription:
-    new = active_plan(plan_code)
     lock_customer(customer.pk)
     subscription = live_subscription(customer)
     if subscription is None:
         raise BillingError("The customer has no live subscription.", code="no_subscription")
     open_periods(subscription=subscription, until=now)
     subscription.refresh_from_db()
+    if plan_code == subscription.plan.code:
+        # Staying put cancels a scheduled change, even on a plan no longer on sale.
+        subscription.pending_plan = None
+        subscription.save(update_fields=["pending_plan"])
+        return subscription
+    new = active_plan(plan_code)
     if new.interval != subscription.plan.interval:
         raise BillingError("Changing between monthly and yearly plans is not supported yet.",
                            code="interval_change_unsupported", field="plan")
     if new.currency != subscription.plan.currency:
         raise BillingError("The new plan is billed in another currency.", code="currency_mismatch", field="plan")
     period = period_for(subscription, now)
-    if new.pk == subscription.plan_id or period is None or not is_upgrade(period.plan, new):
-        # Same plan: cancel a scheduled change. Otherwise: from the next period.
-        subscription.pending_plan = None if new.pk == subscription.plan_id else new
+    if period is None or not is_upgrade(period.plan, new):
+        subscription.pending_plan = new  # a downgrade applies from the next period
         subscription.save(update_fields=["pending_plan"])
         return subscription
     _upgrade_now(subscription, period, new, now)

@@ -24,8 +24,9 @@ def change_plan(request, code: str):
         raise Http404("No subscription.")
     current = usage.period.plan
     pending = scheduled_plan(customer)
-    plan = Plan.objects.filter(code=code, is_active=True, currency=current.currency,
-                               interval=current.interval).first()
+    # The plan in force may be retired (off sale) and still be kept.
+    plan = current if code == current.code else Plan.objects.filter(
+        code=code, is_active=True, currency=current.currency, interval=current.interval).first()
     keep = plan is not None and plan.pk == current.pk
     if plan is None or (keep and pending is None):
         raise Http404("No such plan to change to.")

@@ -8,6 +8,7 @@ import time_machine
 from django.contrib.auth import get_user_model
 
 from billing.models import CustomerMember, Subscription
+from plans.models import Plan
 from tests.factories import free_plan, make_customer, pro_plan, utc
 
 pytestmark = pytest.mark.django_db
@@ -59,3 +60,23 @@ def test_the_current_plan_is_not_a_change_when_nothing_is_scheduled(client, acme
     assert client.post("/portal/plan/change/pro/").status_code == 404
     assert "Moving to" not in client.get("/portal/").content.decode()
     assert (subscription(acme).plan.code, subscription(acme).pending_plan) == ("pro", None)
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_downgrade_can_be_cancelled_when_the_current_plan_is_no_longer_on_sale(client, acme):
+    client.post("/portal/plan/change/free/")
+    Plan.objects.filter(code="pro").update(is_active=False)  # the business retires Pro
+
+    assert "Keep Pro?" in client.get("/portal/plan/change/pro/").content.decode()
+    page = client.post("/portal/plan/change/pro/", follow=True).content.decode()
+
+    assert (subscription(acme).plan.code, subscription(acme).pending_plan) == ("pro", None)
+    assert "You stay on Pro: the move to Free is cancelled." in page
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_retired_plan_cannot_be_chosen_by_someone_not_on_it(client, acme):
+    Plan.objects.filter(code="free").update(is_active=False)
+
+    assert client.post("/portal/plan/change/free/").status_code == 404
+    assert subscription(acme).pending_plan is None
