@@ -29,11 +29,8 @@ run: seed
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 ## Run the whole test suite (SQLite by default; DATABASE_URL=postgres://… for PostgreSQL)
-# tests/stripe runs in its own process for now: in the same process as the rest, its
-# after-commit Stripe tasks do not run on PostgreSQL (under investigation, see the notes).
 test: install
-	$(BIN)/python -m pytest --ignore=tests/stripe $(PYTEST_ARGS)
-	$(BIN)/python -m pytest tests/stripe $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Benchmarks: print a table and write bench/results/*.json
 bench: install

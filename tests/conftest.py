@@ -41,3 +41,15 @@ def _end_stray_database_sessions(django_db_setup, django_db_blocker):
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+@pytest.fixture(autouse=True)
+def _celery_app_stays_ours():
+    """A test that makes another Celery app current (`Celery(...)` does by default) sends
+    every later shared task to that app's broker, where nothing runs them: fail there."""
+    from celery import current_app
+
+    from config.celery import app
+
+    yield
+    assert current_app._get_current_object() is app, "a test left another Celery app current"
