@@ -217,7 +217,8 @@ def subscription_push(*, customer_id: int) -> str | None:
         subscription.save(update_fields=["stripe_subscription_id"])
         first = Invoice.objects.filter(subscription=subscription, kind=Invoice.Kind.SUBSCRIPTION_START).first()
         if first is not None and remote.latest_invoice:
-            _record_stripe_invoice(first, stripe.Invoice.retrieve(remote.latest_invoice))
+            stripe_invoice_record(invoice=first, remote=stripe.Invoice.retrieve(remote.latest_invoice),
+                                  now=timezone.now())
         return remote.id
 
 
@@ -256,14 +257,16 @@ def invoice_push(*, invoice_id: int) -> Invoice:
             remote = stripe.Invoice.create(customer=customer_id, subscription=subscription.stripe_subscription_id,
                                            metadata={"overage_invoice": invoice.number},
                                            idempotency_key=f"overage-invoice-{invoice.pk}")
-        _record_stripe_invoice(invoice, remote)
+        stripe_invoice_record(invoice=invoice, remote=remote, now=timezone.now())
     if remote.status == "draft" and invoice.total > 0:
         try:
             remote = stripe.Invoice.pay(remote.id)
         except stripe.StripeError as error:  # no card yet, or declined: Stripe keeps it open; webhooks follow
             logger.info("invoice %s: Stripe could not charge it now: %s", invoice.number, error)
             remote = stripe.Invoice.retrieve(remote.id)
-        Invoice.objects.filter(pk=invoice.pk).update(stripe_status=remote.status)
+        with transaction.atomic():
+            locked = Invoice.objects.select_for_update().get(pk=invoice.pk)
+            stripe_invoice_record(invoice=locked, remote=remote, now=timezone.now())
     return Invoice.objects.get(pk=invoice.pk)
 
 
@@ -274,20 +277,26 @@ def _find_stripe_invoice(subscription_id: str, number: str):
     return None
 
 
-def _record_stripe_invoice(invoice: Invoice, remote) -> None:
-    invoice.stripe_invoice_id = remote.id
-    invoice.stripe_status = remote.status
-    invoice.stripe_total = from_minor(remote.total, invoice.currency)
-    invoice.stripe_synced_at = timezone.now()
-    invoice.save(update_fields=["stripe_invoice_id", "stripe_status", "stripe_total", "stripe_synced_at"])
+def stripe_invoice_record(*, invoice: Invoice, remote, now: datetime, status: str = "") -> Invoice:
+    """Record Stripe's side of an invoice (id, status, total). Stripe saying "paid" marks
+    ours paid: the webhook that also says so may come later, twice, or never (a resync)."""
+    invoice.stripe_invoice_id = remote["id"]
+    invoice.stripe_status = status or remote["status"]
+    invoice.stripe_total = from_minor(remote["total"], invoice.currency)
+    invoice.stripe_synced_at = now
+    fields = ["stripe_invoice_id", "stripe_status", "stripe_total", "stripe_synced_at"]
+    if invoice.stripe_status == "paid" and invoice.status == Invoice.Status.ISSUED:
+        invoice.status, invoice.paid_at = Invoice.Status.PAID, now
+        fields += ["status", "paid_at"]
+    invoice.save(update_fields=fields)
+    return invoice
 
 
 def invoice_refresh(*, invoice: Invoice, now: datetime) -> Invoice:
     """Re-read an invoice's Stripe counterpart (status, total)."""
     if not invoice.stripe_invoice_id:
         return invoice
-    _record_stripe_invoice(invoice, stripe.Invoice.retrieve(invoice.stripe_invoice_id))
-    return invoice
+    return stripe_invoice_record(invoice=invoice, remote=stripe.Invoice.retrieve(invoice.stripe_invoice_id), now=now)
 
 
 def topup_payment_failed(*, customer: Customer) -> AutoTopUp | None:

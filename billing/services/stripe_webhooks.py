@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 
 from billing.models import AutoTopUp, CreditPurchase, Customer, Invoice, Notification, StripeEventReceipt
 from billing.services.purchases import complete_purchase
-from billing.services.stripe_sync import card_save, from_minor, topup_payment_failed
+from billing.services.stripe_sync import card_save, stripe_invoice_record, topup_payment_failed
 from billing.services.commit_hooks import after_commit
 
 logger = logging.getLogger(__name__)
@@ -116,14 +116,7 @@ def invoice_paid(remote: dict, now: datetime) -> str:
     invoice = _invoice_for(remote)
     if invoice is None:
         return "not an Overage invoice"
-    invoice.stripe_invoice_id = remote["id"]
-    invoice.stripe_status = "paid"
-    invoice.stripe_total = from_minor(remote["total"], invoice.currency)
-    invoice.stripe_synced_at = now
-    if invoice.status == Invoice.Status.ISSUED:
-        invoice.status, invoice.paid_at = Invoice.Status.PAID, now
-    invoice.save(update_fields=["stripe_invoice_id", "stripe_status", "stripe_total", "stripe_synced_at", "status",
-                                "paid_at"])
+    stripe_invoice_record(invoice=invoice, remote=remote, now=now, status="paid")
     return f"invoice {invoice.number} paid"
 
 

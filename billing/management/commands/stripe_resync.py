@@ -6,6 +6,7 @@ from django.utils import timezone
 from billing.models import Customer
 from billing.services.purchases import payments_through_stripe
 from billing.services.stripe_sync import customer_resync
+from plans.money import format_money
 
 
 class Command(BaseCommand):
@@ -25,8 +26,10 @@ class Command(BaseCommand):
         disagreeing = [invoice for invoice in invoices if invoice.stripe_disagrees]
         for invoice in invoices:
             flag = "DISAGREES" if invoice.stripe_disagrees else "ok"
-            self.stdout.write(f"{invoice.number}: ours {invoice.total} {invoice.currency}, Stripe "
-                              f"{invoice.stripe_total} ({invoice.stripe_status}) {flag}")
+            stripe_total = "none" if invoice.stripe_total is None else format_money(invoice.stripe_total,
+                                                                                     invoice.currency)
+            self.stdout.write(f"{invoice.number}: ours {format_money(invoice.total, invoice.currency)}, Stripe "
+                              f"{stripe_total} ({invoice.stripe_status}) {flag}")
         self.stdout.write(f"{len(invoices)} invoice(s) re-read, {len(disagreeing)} disagree.")
         if disagreeing:
             raise SystemExit(1)
