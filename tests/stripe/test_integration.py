@@ -175,3 +175,29 @@ def test_the_stripe_invoice_for_a_closed_period_equals_ours_to_the_cent(stripe_m
     assert (ours.status, ours.stripe_status) == ("paid", "paid")
     assert close_period(period_id=period.pk, now=utc(2026, 6, 1, 3)).pk == ours.pk  # a second close: one invoice
     assert len(stripe.Invoice.list(customer=customer.stripe_customer.id, limit=100).data) == 2  # start + June
+
+
+def test_a_payment_failure_reported_by_webhook_grants_nothing_and_tells_the_customer_once(stripe_mode,
+                                                                                          webhook_endpoint, catalogue):
+    """On real Stripe a declined PaymentIntent comes back with the intent, and the purchase
+    waits for `payment_intent.payment_failed` (localstripe declines synchronously instead,
+    so the intent is created here as `purchase_charge` does, with a card declined on charge)."""
+    customer = save_card(new_customer(), "4000000000000341")
+    purchase, _ = purchase_pack(customer=customer, pack_code="boost", idempotency_key="k1", now=NOW)
+    intent = stripe.PaymentIntent.create(amount=1250, currency="usd", customer=customer.stripe_customer.id,
+                                         payment_method=customer.stripe_payment_method_id,
+                                         payment_method_types=["card"], metadata={"overage_purchase": str(purchase.pk)})
+    with pytest.raises(stripe.CardError):
+        stripe.PaymentIntent.confirm(intent.id)
+    [failed] = stripe_events("payment_intent.payment_failed", id=intent.id)
+
+    answers = [deliver(webhook_endpoint, failed).status_code for _ in range(3)]
+
+    assert answers == [200, 200, 200]
+    purchase.refresh_from_db()
+    assert (purchase.status, purchase.payment_reference) == ("failed", intent.id)
+    assert purchase.failure_reason == failed["data"]["object"]["last_payment_error"]["message"]
+    assert not CreditGrant.objects.filter(customer=customer, source="purchase").exists()
+    [note] = Notification.objects.filter(customer=customer, title="Payment failed: Boost")
+    assert note.body == f"Your purchase of Boost was not paid: {purchase.failure_reason} No credits were added."
+    assert [m.to for m in mail.outbox if m.subject == "Payment failed: Boost"] == [["ap@acme.test"]]
