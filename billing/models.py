@@ -212,8 +212,10 @@ class UsageEvent(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["customer", "event_id"], name="unique_event_id_per_customer")]
         indexes = [
-            models.Index(fields=["customer", "timestamp"]),
-            models.Index(fields=["period", "feature", "timestamp"]),
+            # The portal's event list pages by (timestamp, id), newest first, from a
+            # position (keyset), never by OFFSET: these serve it, unfiltered and by feature.
+            models.Index(fields=["customer", "timestamp", "id"], name="usage_event_customer_time"),
+            models.Index(fields=["period", "feature", "timestamp", "id"], name="usage_event_feature_time"),
             # Rejected events are few; the portal counts them without scanning accepted ones.
             models.Index(fields=["period", "timestamp"], condition=models.Q(status="rejected"),
                          name="usage_event_rejected"),
