@@ -190,6 +190,29 @@ class EventResultSerializer(serializers.Serializer):
         return data
 
 
+_TIMESTAMP = serializers.DateTimeField()
+
+
+def event_result(event: UsageEvent) -> dict:
+    """`EventResultSerializer(event).data`, built directly: a batch answers up to 1 000
+    of these, and the serializer machinery cost more than recording the events. A test
+    holds the two equal; the serializer stays the schema."""
+    return {
+        "id": event.event_id,
+        "customer": event.customer.external_id,
+        "feature": event.feature.code,
+        "quantity": decimal_string(Decimal(event.quantity)),
+        "credits": decimal_string(Decimal(event.credits)),
+        "overage_credits": decimal_string(Decimal(event.overage_credits)),
+        "timestamp": _TIMESTAMP.to_representation(event.timestamp),
+        "received_at": _TIMESTAMP.to_representation(event.received_at),
+        "properties": {str(key): value for key, value in event.properties.items()},
+        "status": event.status,
+        "reason": event.reject_reason or None,
+        "reservation_id": str(event.reservation_id) if event.reservation_id else None,
+    }
+
+
 class EventBatchSerializer(serializers.Serializer):
     events = serializers.ListField(child=serializers.DictField(), allow_empty=False,
                                    max_length=settings.OVERAGE_MAX_BATCH_EVENTS)

@@ -8,8 +8,10 @@ worker fired it first. The `Notification` and the `WebhookDelivery` rows are wri
 the same transaction as the alert; only side effects (the email, the HTTP attempts) are
 enqueued with `transaction.on_commit`, so an alert that rolls back sends nothing.
 
-Ingestion calls `enqueue_alert_checks` (no queries) after writing a customer's events;
-the checks run in celery tasks after the commit, never on the event's own transaction.
+Ingestion calls `enqueue_alert_checks` after writing a batch; it queues a check only
+where the batch may have earned an alert (a whole percent of included usage crossed,
+overage started, a refusal at the cap), and the checks run in celery tasks after the
+commit, never on the event's own transaction.
 Rules and channels are described in docs/alerts.md.
 """
 
@@ -50,12 +52,16 @@ RUNAWAY_BASELINE = timedelta(hours=24)
 
 # --- Hook for ingestion ---------------------------------------------------------------
 
-def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent]) -> None:
+def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], percent_crossed: set[int]) -> None:
     """Queue the alert checks that `events` (just recorded for one customer, inside its
-    transaction) call for: one usage check per period touched by accepted usage or by
-    an event refused at the spend cap, and a runaway check if the period's plan has
-    the guard on. Runs no query (ingestion is the hot path); the checks run after the
-    commit. Failing to enqueue is logged, never raised into ingestion (robust=True)."""
+    transaction) may have earned: a usage check for a period whose included usage
+    crossed a whole percent in this batch (`percent_crossed`, from
+    `periods_crossing_a_percent`; thresholds are whole percents), whose overage started
+    with these events, or where an event was refused at the spend cap; and a runaway
+    check if the period's plan has the guard on. A batch that can have earned nothing
+    queues nothing: at thousands of events a second, a check per batch per customer
+    would cost more than the ingestion. Failing to enqueue is logged, never raised into
+    ingestion (robust=True)."""
     from billing import tasks  # lazily: services never import celery tasks at import time
 
     accepted = [e for e in events if e.status == UsageEvent.Status.ACCEPTED]
@@ -63,11 +69,40 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent]) -> None:
     for event in events:
         if event.status == UsageEvent.Status.REJECTED and event.reject_reason == Reason.SPEND_CAP_REACHED:
             cap_event_by_period.setdefault(event.period_id, event.event_id)
-    for period_id in sorted({e.period_id for e in accepted} | set(cap_event_by_period)):
-        after_commit(tasks.check_alerts_task.delay, customer_id, period_id,
-                                      cap_event_by_period.get(period_id))
+    overage_here: dict[int, Decimal] = {}
+    periods = {}
+    for event in accepted:
+        overage_here[event.period_id] = overage_here.get(event.period_id, ZERO) + event.overage_credits
+        periods[event.period_id] = event.period
+    # The period objects carry the totals after these events.
+    overage_started = {pk for pk, added in overage_here.items()
+                       if added > ZERO and periods[pk].overage_credits == added}
+    due = (set(periods) & percent_crossed) | overage_started | set(cap_event_by_period)
+    for period_id in sorted(due):
+        after_commit(tasks.check_alerts_task.delay, customer_id, period_id, cap_event_by_period.get(period_id))
     if any(e.period.plan.runaway_multiplier is not None for e in accepted):
         after_commit(schedule_runaway_check, customer_id)
+
+
+def periods_crossing_a_percent(drawn: dict[int, Decimal]) -> set[int]:
+    """Periods whose included usage crossed a whole percent of their included credits
+    while `drawn` (period → included credits just drawn, already written) was drawn.
+    One query for the whole batch."""
+    if not drawn:
+        return set()
+    crossed = set()
+    for row in (CreditGrant.objects.filter(period_id__in=list(drawn), source=CreditGrant.Source.PLAN_ALLOCATION)
+                .values("period_id").annotate(credits=Sum("credits"), remaining=Sum("remaining"))):
+        included = credits_total(row["credits"])
+        if included <= ZERO:
+            continue
+        # Open periods: nothing but usage has lowered `remaining` yet (expiry and
+        # rollover happen at close, after which no check fires).
+        after = included - credits_total(row["remaining"])
+        before = after - drawn[row["period_id"]]
+        if (after * 100 // included) > (before * 100 // included):
+            crossed.add(row["period_id"])
+    return crossed
 
 
 def schedule_runaway_check(customer_id: int) -> None:

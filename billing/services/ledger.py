@@ -160,27 +160,12 @@ class CustomerLedger:
     """
 
     def __init__(self, customer: Customer, subscription: Subscription | None, *, now: datetime,
-                 since: datetime | None = None):
+                 since: datetime | None = None, _loaded: tuple | None = None):
         """`since`: the earliest instant a charge will be made at (default: now);
         grants that expired before it cannot pay and are not loaded."""
         self.customer, self.subscription, self.now = customer, subscription, now
-        self._grants = list(
-            CreditGrant.objects.filter(customer=customer, remaining__gt=0)
-            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=since or now))
-            .order_by(F("expires_at").asc(nulls_last=True), "priority", "created_at", "id")
-        )
-        self._scopes: dict[int, set[int]] = {}
-        for grant_id, feature_id in CreditGrant.features.through.objects.filter(
-            creditgrant__in=[g.pk for g in self._grants]
-        ).values_list("creditgrant_id", "feature_id"):
-            self._scopes.setdefault(grant_id, set()).add(feature_id)
-        # Active holds: reservation → ({grant: credits}, overage credits, period id).
-        self._holds: dict = {}
-        for reservation in active_reservations(customer, now).prefetch_related("holds"):
-            self._holds[reservation.pk] = (
-                {h.grant_id: h.credits for h in reservation.holds.all()},
-                reservation.overage_credits, reservation.period_id,
-            )
+        grants, self._scopes, self._holds = _loaded or self._load([customer.pk], now, since or now)[customer.pk]
+        self._grants: list[CreditGrant] = grants
         self._entries: list[LedgerEntry] = []
         self._events: list[UsageEvent] = []
         self._periods: dict[int, BillingPeriod] = {}
@@ -188,6 +173,41 @@ class CustomerLedger:
         self._settled: list = []
         self._rollups: dict[tuple, list] = {}
         self._caps: dict[int, Decimal | None] = {}
+
+    @classmethod
+    def load_many(cls, customers: dict[int, Customer], subscriptions: dict[int, Subscription | None], *,
+                  now: datetime, since: datetime) -> dict[int, "CustomerLedger"]:
+        """One ledger per customer, loaded in three queries for all of them (a batch)."""
+        loaded = cls._load(list(customers), now, since)
+        return {pk: cls(customer, subscriptions.get(pk), now=now, _loaded=loaded[pk])
+                for pk, customer in customers.items()}
+
+    @staticmethod
+    def _load(customer_ids: list[int], now: datetime, since: datetime) -> dict[int, tuple]:
+        """customer id → (usable grants in consumption order, grant scopes, active holds)."""
+        loaded = {pk: ([], {}, {}) for pk in customer_ids}
+        grants = list(
+            CreditGrant.objects.filter(customer_id__in=customer_ids, remaining__gt=0)
+            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=since))
+            .order_by(F("expires_at").asc(nulls_last=True), "priority", "created_at", "id")
+        )
+        owner = {}
+        for grant in grants:
+            loaded[grant.customer_id][0].append(grant)
+            owner[grant.pk] = grant.customer_id
+        for grant_id, feature_id in CreditGrant.features.through.objects.filter(
+            creditgrant__in=list(owner)
+        ).values_list("creditgrant_id", "feature_id"):
+            loaded[owner[grant_id]][1].setdefault(grant_id, set()).add(feature_id)
+        # Active holds: reservation → ({grant: credits}, overage credits, period id).
+        for reservation in Reservation.objects.filter(
+            customer_id__in=customer_ids, status=Reservation.Status.ACTIVE, expires_at__gt=now
+        ).prefetch_related("holds"):
+            loaded[reservation.customer_id][2][reservation.pk] = (
+                {h.grant_id: h.credits for h in reservation.holds.all()},
+                reservation.overage_credits, reservation.period_id,
+            )
+        return loaded
 
     # -- deciding --
 
@@ -300,34 +320,51 @@ class CustomerLedger:
         rollup[3] += event.overage_credits
         rollup[4] += 1 if event.overage_credits > ZERO else 0
 
-    def flush(self) -> None:
-        """Write everything recorded since the last flush. New balances are computed
-        here in Decimal rather than with F() in SQL, because SQLite does decimal
-        arithmetic in floating point; the customer lock keeps them current."""
-        assert transaction.get_connection().in_atomic_block, "flush needs the customer's transaction"
-        UsageEvent.objects.bulk_create(self._events)
-        LedgerEntry.objects.bulk_create(self._entries)
-        CreditGrant.objects.bulk_update(list(self._dirty_grants.values()), ["remaining"])
-        for period in self._periods.values():
-            BillingPeriod.objects.filter(pk=period.pk).update(credits_used=period.credits_used,
-                                                              overage_credits=period.overage_credits)
-        if self._settled:
-            Reservation.objects.filter(pk__in=self._settled, status=Reservation.Status.ACTIVE).update(
-                status=Reservation.Status.SETTLED, ended_at=self.now)
-        self._flush_rollups()
-        self._events, self._entries, self._dirty_grants, self._settled, self._rollups = [], [], {}, [], {}
+    def included_drawn(self) -> dict[int, Decimal]:
+        """Period → credits drawn from its plan allocation by the charges not yet flushed."""
+        drawn: dict[int, Decimal] = {}
+        for entry in self._entries:
+            grant = entry.grant
+            if grant is not None and grant.source == CreditGrant.Source.PLAN_ALLOCATION and grant.period_id:
+                drawn[grant.period_id] = drawn.get(grant.period_id, ZERO) - entry.credits
+        return drawn
 
-    def _flush_rollups(self) -> None:
-        if not self._rollups:
+    def flush(self) -> None:
+        self.flush_many([self])
+
+    @staticmethod
+    def flush_many(ledgers: list["CustomerLedger"]) -> None:
+        """Write everything the ledgers recorded since their last flush, all customers
+        together in a handful of bulk statements. New balances are computed here in
+        Decimal rather than with F() in SQL, because SQLite does decimal arithmetic in
+        floating point; the customers' locks keep them current."""
+        assert transaction.get_connection().in_atomic_block, "flush needs the customers' transaction"
+        UsageEvent.objects.bulk_create([e for ledger in ledgers for e in ledger._events])
+        LedgerEntry.objects.bulk_create([e for ledger in ledgers for e in ledger._entries])
+        CreditGrant.objects.bulk_update([g for ledger in ledgers for g in ledger._dirty_grants.values()],
+                                        ["remaining"])
+        BillingPeriod.objects.bulk_update([p for ledger in ledgers for p in ledger._periods.values()],
+                                          ["credits_used", "overage_credits"])
+        settled = [pk for ledger in ledgers for pk in ledger._settled]
+        if settled:
+            Reservation.objects.filter(pk__in=settled, status=Reservation.Status.ACTIVE).update(
+                status=Reservation.Status.SETTLED, ended_at=ledgers[0].now)
+        CustomerLedger._flush_rollups({key: totals for ledger in ledgers for key, totals in ledger._rollups.items()})
+        for ledger in ledgers:
+            ledger._events, ledger._entries, ledger._dirty_grants, ledger._settled, ledger._rollups = [], [], {}, [], {}
+
+    @staticmethod
+    def _flush_rollups(rollups: dict[tuple, list]) -> None:
+        if not rollups:
             return
-        keys = list(self._rollups)
+        keys = list(rollups)
         existing = {
             (r.period_id, r.feature_id, r.day): r
             for r in UsageRollup.objects.filter(period_id__in={k[0] for k in keys}, day__in={k[2] for k in keys},
                                                 feature_id__in={k[1] for k in keys})
         }
         new, changed = [], []
-        for key, (events, quantity, credits, overage, overage_events) in self._rollups.items():
+        for key, (events, quantity, credits, overage, overage_events) in rollups.items():
             rollup = existing.get(key)
             if rollup is None:
                 new.append(UsageRollup(period_id=key[0], feature_id=key[1], day=key[2], events=events,
