@@ -2,6 +2,7 @@
 
 import stripe
 from celery import shared_task
+from django.conf import settings
 from django.utils import timezone
 
 from billing.services.ledger import expire_credit_grants
@@ -12,12 +13,32 @@ def expire_credit_grants_task() -> int:
     return expire_credit_grants(now=timezone.now())
 
 
-@shared_task(acks_late=True)
-def close_due_periods_task() -> int:
-    """Beat: close every period past its grace window (idempotent per period)."""
-    from billing.services.invoicing import close_due_periods
+@shared_task(bind=True, acks_late=True)
+def close_due_periods_task(self) -> int:
+    """Beat: fan every period past its grace window out to the workers, in chunks of
+    OVERAGE_CLOSE_CHUNK_PERIODS, so all worker processes close in parallel (each period
+    in its own transaction, under its customer's lock, once). The chunks go to the queue
+    this task came from, so workers dedicated to closing (`-Q …`) do all of it. Returns
+    the number of periods dispatched. Running it again while chunks wait is harmless: a
+    chunk skips the periods closed meanwhile."""
+    from billing.services.invoicing import due_period_ids
 
-    return len(close_due_periods(now=timezone.now()))
+    period_ids = due_period_ids(now=timezone.now())
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    options = {"queue": queue} if queue else {}
+    size = settings.OVERAGE_CLOSE_CHUNK_PERIODS
+    for start in range(0, len(period_ids), size):
+        close_periods_task.apply_async((period_ids[start:start + size],), **options)
+    return len(period_ids)
+
+
+@shared_task(acks_late=True)
+def close_periods_task(period_ids: list[int]) -> int:
+    """One chunk of a close run: close these periods (and any due successor of each).
+    Delivered twice (acks_late after a lost worker), it closes nothing twice."""
+    from billing.services.invoicing import close_periods
+
+    return len(close_periods(period_ids=period_ids, now=timezone.now()))
 
 
 # --- Alerts and outgoing webhooks -------------------------------------------------------

@@ -178,6 +178,9 @@ OVERAGE_RESERVATION_MAX_TTL_SECONDS = env_int("OVERAGE_RESERVATION_MAX_TTL_SECON
 OVERAGE_MAX_BATCH_EVENTS = 1000
 OVERAGE_INVOICE_PREFIX = env_str("OVERAGE_INVOICE_PREFIX", "OVG")
 OVERAGE_INVOICE_DUE_DAYS = env_int("OVERAGE_INVOICE_DUE_DAYS", 14)
+# The beat close fans due periods out to the workers in tasks of this many periods: small
+# enough that every worker process gets a share, large enough that queueing costs little.
+OVERAGE_CLOSE_CHUNK_PERIODS = env_int("OVERAGE_CLOSE_CHUNK_PERIODS", 200)
 # Largest quantity one event may carry; anything larger is almost surely a bug upstream.
 OVERAGE_MAX_EVENT_QUANTITY = Decimal(env_str("OVERAGE_MAX_EVENT_QUANTITY", "1000000000"))
 # With the quantity bound this keeps one event's credits below 10^15, far inside the

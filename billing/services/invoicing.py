@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max, Sum
+from django.db.models import Max, Q, Sum
 
 from billing.errors import BillingError, NotFound
 from billing.models import (
@@ -102,12 +102,18 @@ def overage_line(period: BillingPeriod, *, upto: Decimal | None = None) -> Draft
     that is exactly the band's price; after an upgrade it still makes the invoices of a
     period add up to the price of the whole at the plan it closes on (never below 0)."""
     plan = period.plan
-    start = overage_billed_through(period)
     end = period.overage_credits if upto is None else upto
+    if end <= ZERO:
+        return None  # nothing to bill, whatever was billed before: no query
+    # Both figures of `overage_billed_through` and `overage_invoiced_amount` in one query.
+    billed = InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
+        through=Max("overage_to"), invoiced=Sum("amount"))
+    start, invoiced = billed["through"] or ZERO, billed["invoiced"] or ZERO
     if end <= start:
         return None
-    band = price_overage_band(plan, start, end)
-    amount = max(price_overage(plan, end).amount - overage_invoiced_amount(period), ZERO)
+    tiers = list(plan.overage_tiers.all())  # once for both prices below
+    band = price_overage_band(plan, start, end, tiers=tiers)
+    amount = max(price_overage(plan, end, tiers=tiers).amount - invoiced, ZERO)
     through_entry_id = LedgerEntry.objects.filter(period=period, kind=LedgerEntry.Kind.OVERAGE).aggregate(
         last=Max("id"))["last"]
     flat = len({tier.unit_price for tier in band.tiers}) == 1
@@ -139,15 +145,22 @@ def next_period_terms(period: BillingPeriod) -> tuple[Plan, datetime, datetime] 
     return plan, period.end, period_start(subscription.billing_anchor, plan.interval, index + 1)
 
 
-def build_close_invoice(period: BillingPeriod) -> DraftInvoice:
+_UNKNOWN = object()
+
+
+def build_close_invoice(period: BillingPeriod, *, next_period=_UNKNOWN) -> DraftInvoice:
     """What closing `period` bills: its remaining overage, and the next period's base fee
-    in advance. The real close and the upcoming invoice both use this."""
+    in advance. The real close and the upcoming invoice both use this. The close passes
+    the `next_period` it holds (None: the subscription ends), sparing a query."""
     draft = DraftInvoice(customer=period.customer, kind=Invoice.Kind.PERIOD_CLOSE, currency=period.plan.currency,
                          subscription=period.subscription, period=period)
     line = overage_line(period)
     if line is not None:
         draft.lines.append(line)
-    terms = next_period_terms(period)
+    if next_period is _UNKNOWN:
+        terms = next_period_terms(period)
+    else:
+        terms = None if next_period is None else (next_period.plan, next_period.start, next_period.end)
     if terms is not None:
         fee = base_fee_line(*terms)
         if fee is not None:
@@ -158,12 +171,19 @@ def build_close_invoice(period: BillingPeriod) -> DraftInvoice:
 # --- Writing invoices ---------------------------------------------------------------------
 
 def next_invoice_number() -> str:
-    """The next number of the gap-free sequence (caller's transaction holds the row)."""
-    InvoiceNumberSequence.objects.get_or_create(name="invoice")
-    sequence = InvoiceNumberSequence.objects.select_for_update().get(name="invoice")
-    sequence.last_value += 1
-    sequence.save(update_fields=["last_value"])
-    return f"{settings.OVERAGE_INVOICE_PREFIX}-{sequence.last_value:06d}"
+    """The next number of the gap-free sequence. The UPDATE locks the sequence's row until
+    the caller's transaction ends, so every invoice writer queues here: take the number
+    as late as possible in the transaction. One statement (UPDATE … RETURNING, PostgreSQL
+    and SQLite ≥ 3.35 alike) instead of a locking read and a write."""
+    table = InvoiceNumberSequence._meta.db_table
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET last_value = last_value + 1 WHERE name = %s RETURNING last_value",
+                       ["invoice"])
+        row = cursor.fetchone()
+    if row is None:  # the very first invoice: create the row (a racing creator wins), then take a number
+        InvoiceNumberSequence.objects.get_or_create(name="invoice")
+        return next_invoice_number()
+    return f"{settings.OVERAGE_INVOICE_PREFIX}-{row[0]:06d}"
 
 
 def issue_invoice(draft: DraftInvoice, *, now: datetime, idempotency_key: str | None = None,
@@ -205,18 +225,31 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
     """Roll the closed period's unused included credits (all its plan_allocation grants,
     prorated upgrade credits included) into the next period, as far as the plan allows
     — the cap applies to the period's total — and expire the rest. Rolled-over credits
-    last one period and carry their share of the cost basis with them."""
+    last one period and carry their share of the cost basis with them. Other credits
+    that expired with the period (e.g. earlier rollovers) leave the ledger now too.
+
+    The caller holds the customer's lock, so the grants read here stay current: a
+    grant with nothing left is never touched (one query for all of them)."""
     customer, plan = period.customer, period.plan
-    grants = list(CreditGrant.objects.filter(period=period, source=CreditGrant.Source.PLAN_ALLOCATION)
-                  .order_by("created_at", "id"))
-    unused = sum((grant.remaining for grant in grants), ZERO)
+    included_source = CreditGrant.Source.PLAN_ALLOCATION
+    grants = list(
+        CreditGrant.objects.filter(customer=customer, remaining__gt=0)
+        .filter(Q(period=period, source=included_source) | (Q(expires_at__lte=period.end) & ~Q(source=included_source)))
+        .order_by("created_at", "id")
+    )
+    for grant in grants:
+        if grant.period_id == period.pk:
+            grant.period = period  # expire_grant files its entry under the grant's period: no query for it
+    included = [g for g in grants if g.source == included_source]
+    expired_with_period = [g for g in grants if g.source != included_source]
+    unused = sum((grant.remaining for grant in included), ZERO)
     carry = ZERO
     if next_period is not None and plan.rollover_policy == Plan.Rollover.ALL:
         carry = unused
     elif next_period is not None and plan.rollover_policy == Plan.Rollover.CAPPED:
         carry = min(unused, plan.rollover_max_credits or ZERO)
     left = carry
-    for grant in grants:  # one rollover grant per source grant: each debit has its receiver
+    for grant in included:  # one rollover grant per source grant: each debit has its receiver
         if left <= ZERO:
             break
         taken = expire_grant(grant=grant, customer=customer, at=period.end, credits=left,
@@ -232,12 +265,62 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
             entry_kind=LedgerEntry.Kind.ROLLOVER,
         )
         left -= taken
-    for grant in grants:
-        expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired")
-    # Other credits that expired with the period (e.g. earlier rollovers) leave the ledger now too.
-    for grant in CreditGrant.objects.filter(customer=customer, remaining__gt=0, expires_at__lte=period.end).exclude(
-            source=CreditGrant.Source.PLAN_ALLOCATION):
+    for grant in included:
+        if grant.remaining > ZERO:  # expire_grant keeps `remaining` current in memory
+            expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired")
+    for grant in expired_with_period:
         expire_grant(grant=grant, customer=customer, at=grant.expires_at)
+
+
+def _close_period(period_id: int, now: datetime, skip_grace: bool) -> tuple[Invoice, BillingPeriod | None]:
+    """`close_period` inside the caller's transaction. Also returns the next period of
+    the subscription when this call closed the period (None if it was closed already,
+    or if the subscription ended)."""
+    assert transaction.get_connection().in_atomic_block, "closing a period needs the caller's transaction"
+    ids = BillingPeriod.objects.filter(pk=period_id).order_by().values_list("customer_id", "subscription_id").first()
+    if ids is None:
+        raise NotFound("No such billing period.", code="period_not_found")
+    customer_id, subscription_id = ids
+    customer = lock_customer(customer_id)
+    # Under the lock: this period and the subscription's open ones — an earlier one
+    # still open forbids the close, a later one is the next period, already opened.
+    periods = list(
+        BillingPeriod.objects.select_related("plan", "subscription")
+        .filter(Q(pk=period_id) | Q(status=BillingPeriod.Status.OPEN), subscription_id=subscription_id)
+        .order_by("start")
+    )
+    period = next(p for p in periods if p.pk == period_id)
+    period.customer = customer
+    if period.status == BillingPeriod.Status.CLOSED:
+        return Invoice.objects.get(period=period, kind=Invoice.Kind.PERIOD_CLOSE), None
+    grace = timedelta(seconds=0 if skip_grace else settings.OVERAGE_PERIOD_GRACE_SECONDS)
+    if now < period.end + grace:
+        raise BillingError("This period has not ended yet." if now < period.end
+                           else "This period is still open for late events.", code="period_not_due")
+    if any(p.start < period.start for p in periods):
+        # Periods close in order: a later close must not roll credits into a period the
+        # earlier one then cannot reach.
+        raise BillingError("An earlier period of this subscription is still open.", code="period_not_due")
+    subscription = period.subscription
+    next_period = None
+    if subscription.status != Subscription.Status.CANCELED:
+        next_period = next((p for p in periods if p.start == period.end), None)
+        if next_period is None:
+            opened = open_periods(subscription=subscription, until=period.end)
+            next_period = opened[-1] if opened and opened[-1].start == period.end else (
+                BillingPeriod.objects.select_related("plan").get(subscription=subscription, start=period.end))
+    _settle_included_credits(period, next_period, now)
+    draft = build_close_invoice(period, next_period=next_period)
+    period.status = BillingPeriod.Status.CLOSED
+    period.closed_at = now
+    period.save(update_fields=["status", "closed_at"])
+    # Last: numbering locks the sequence for every invoice writer until this commits.
+    invoice = issue_invoice(draft, now=now)
+    if settings.STRIPE_SECRET_KEY:
+        from billing import tasks
+
+        after_commit(tasks.stripe_push_invoice_task.delay, invoice.pk)
+    return invoice, next_period
 
 
 @transaction.atomic
@@ -245,37 +328,27 @@ def close_period(*, period_id: int, now: datetime, skip_grace: bool = False) -> 
     """Close one period, exactly once. Returns its invoice (the existing one if it was
     closed already). `skip_grace` (an admin's "close now") closes an ended period
     before its grace window is over; later late events for it are then refused."""
-    customer_id = BillingPeriod.objects.filter(pk=period_id).values_list("customer_id", flat=True).first()
-    if customer_id is None:
-        raise NotFound("No such billing period.", code="period_not_found")
-    lock_customer(customer_id)
-    period = BillingPeriod.objects.select_related("plan", "subscription", "customer").get(pk=period_id)
-    if period.status == BillingPeriod.Status.CLOSED:
-        return Invoice.objects.get(period=period, kind=Invoice.Kind.PERIOD_CLOSE)
-    grace = timedelta(seconds=0 if skip_grace else settings.OVERAGE_PERIOD_GRACE_SECONDS)
-    if now < period.end + grace:
-        raise BillingError("This period has not ended yet." if now < period.end
-                           else "This period is still open for late events.", code="period_not_due")
-    if BillingPeriod.objects.filter(subscription=period.subscription_id, status=BillingPeriod.Status.OPEN,
-                                    start__lt=period.start).exists():
-        # Periods close in order: a later close must not roll credits into a period the
-        # earlier one then cannot reach.
-        raise BillingError("An earlier period of this subscription is still open.", code="period_not_due")
-    subscription = period.subscription
-    next_period = None
-    if subscription.status != Subscription.Status.CANCELED:
-        open_periods(subscription=subscription, until=period.end)
-        next_period = BillingPeriod.objects.get(subscription=subscription, start=period.end)
-    _settle_included_credits(period, next_period, now)
-    invoice = issue_invoice(build_close_invoice(period), now=now)
-    period.status = BillingPeriod.Status.CLOSED
-    period.closed_at = now
-    period.save(update_fields=["status", "closed_at"])
-    if settings.STRIPE_SECRET_KEY:
-        from billing import tasks
+    return _close_period(period_id, now, skip_grace)[0]
 
-        after_commit(tasks.stripe_push_invoice_task.delay, invoice.pk)
-    return invoice
+
+def close_period_and_successors(*, period_id: int, now: datetime) -> list[Invoice]:
+    """Close a due period, then each following period of its subscription that is due as
+    well (a close opens the next period, which a late run may find ended too), oldest
+    first, each in its own transaction. The first failure is logged and ends the run for
+    this subscription: its later periods cannot close before it anyway, and the next
+    beat run retries it. Returns the invoices of the periods closed (or found closed)."""
+    cutoff = now - timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
+    invoices = []
+    while period_id is not None:
+        try:
+            with transaction.atomic():
+                invoice, next_period = _close_period(period_id, now, False)
+        except Exception:
+            log.exception("closing billing period %s failed; it stays open and is retried next run", period_id)
+            break
+        invoices.append(invoice)
+        period_id = next_period.pk if next_period is not None and next_period.end <= cutoff else None
+    return invoices
 
 
 def due_periods(now: datetime):
@@ -283,25 +356,43 @@ def due_periods(now: datetime):
     return BillingPeriod.objects.filter(status=BillingPeriod.Status.OPEN, end__lte=cutoff).order_by("end", "pk")
 
 
+def due_period_ids(*, now: datetime, customer: Customer | None = None) -> list[int]:
+    """The oldest due period of each subscription, oldest first: what a close run starts
+    from (`close_period_and_successors` goes on to the later ones, in order). One pass
+    over the due periods, however many there are."""
+    periods = due_periods(now)
+    if customer is not None:
+        periods = periods.filter(customer=customer)
+    seen, first = set(), []
+    for period_id, subscription_id in periods.values_list("pk", "subscription_id").iterator(chunk_size=10_000):
+        if subscription_id not in seen:
+            seen.add(subscription_id)
+            first.append(period_id)
+    return first
+
+
+def close_periods(*, period_ids: list[int], now: datetime) -> list[Invoice]:
+    """Close the given periods (and their due successors), each in its own transaction;
+    what one chunk of a fanned-out close run does. Periods closed meanwhile (a chunk
+    delivered twice, an overlapping run) are skipped with one query for the chunk."""
+    still_open = set(BillingPeriod.objects.filter(pk__in=period_ids, status=BillingPeriod.Status.OPEN)
+                     .values_list("pk", flat=True))
+    invoices = []
+    for period_id in period_ids:
+        if period_id in still_open:
+            invoices += close_period_and_successors(period_id=period_id, now=now)
+    return invoices
+
+
 def close_due_periods(*, now: datetime, customer: Customer | None = None) -> list[Invoice]:
-    """Close every period whose end plus the grace window has passed, oldest first, each
-    in its own transaction. Closing a period opens the next, which may be due too, so
-    this runs until nothing new is due. One failing period is logged and retried on the
-    next run; it does not stop the others."""
-    invoices, attempted = [], set()
-    while True:
-        periods = due_periods(now).exclude(pk__in=attempted)
-        if customer is not None:
-            periods = periods.filter(customer=customer)
-        batch = list(periods.values_list("pk", flat=True)[:500])
-        if not batch:
-            return invoices
-        for period_id in batch:
-            attempted.add(period_id)
-            try:
-                invoices.append(close_period(period_id=period_id, now=now))
-            except Exception:
-                log.exception("closing billing period %s failed; it stays open and is retried next run", period_id)
+    """Close every period whose end plus the grace window has passed, in this process:
+    oldest first, each in its own transaction, a subscription's periods in order. One
+    failing period is logged and retried on the next run; it does not stop the others.
+    (Beat fans the same work out to the workers: `tasks.close_due_periods_task`.)"""
+    invoices = []
+    for period_id in due_period_ids(now=now, customer=customer):
+        invoices += close_period_and_successors(period_id=period_id, now=now)
+    return invoices
 
 
 def upcoming_invoice(*, period: BillingPeriod) -> DraftInvoice:
