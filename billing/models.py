@@ -214,7 +214,10 @@ class UsageEvent(models.Model):
         indexes = [
             # The portal's event list pages by (timestamp, id), newest first, from a
             # position (keyset), never by OFFSET: these serve it, unfiltered and by feature.
-            models.Index(fields=["customer", "timestamp", "id"], name="usage_event_customer_time"),
+            # Led by the period, so the planner estimates a period's rows from its id alone
+            # (with (customer, timestamp) it multiplied the period and its time range as if
+            # unrelated, took a 20 000-event period for 40 rows, and sorted it whole).
+            models.Index(fields=["period", "timestamp", "id"], name="usage_event_period_time"),
             models.Index(fields=["period", "feature", "timestamp", "id"], name="usage_event_feature_time"),
             # Rejected events are few; the portal counts them without scanning accepted ones.
             models.Index(fields=["period", "timestamp"], condition=models.Q(status="rejected"),

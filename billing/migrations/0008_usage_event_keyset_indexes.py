@@ -10,13 +10,14 @@ class Migration(migrations.Migration):
         ('plans', '0003_plan_progressive_billing_threshold_and_more'),
     ]
 
-    # The portal's event list pages by keyset on (timestamp, id): the id joins the end of
-    # the two time indexes it walks (unfiltered, by feature), which they replace. On a
-    # large live table, build them first with CREATE INDEX CONCURRENTLY under these names.
+    # The portal's event list pages by keyset on (timestamp, id) within a period,
+    # unfiltered or by feature: these two indexes serve it, and replace (customer,
+    # timestamp) and (period, feature, timestamp). On a large live table, build them
+    # first with CREATE INDEX CONCURRENTLY under these names.
     operations = [
         migrations.AddIndex(
             model_name='usageevent',
-            index=models.Index(fields=['customer', 'timestamp', 'id'], name='usage_event_customer_time'),
+            index=models.Index(fields=['period', 'timestamp', 'id'], name='usage_event_period_time'),
         ),
         migrations.AddIndex(
             model_name='usageevent',
