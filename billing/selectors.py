@@ -4,12 +4,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db.models import Count, Sum
+from django.db.models import Count, Sum, prefetch_related_objects
 from django.db.models.functions import TruncDate
 
 from billing.models import (
     BillingPeriod, CreditGrant, Customer, InvoiceLine, LedgerEntry, ReservationHold, UsageRollup,
 )
+from billing.services.alerts import included_credits_used
 from billing.services.customers import current_period, live_subscription
 from billing.services.invoicing import overage_waived_amount
 from billing.services.ledger import active_reservations, effective_overage_cap
@@ -94,6 +95,8 @@ def period_usage(*, customer: Customer, now: datetime, at: datetime | None = Non
     if period is None:
         return None
     plan = period.plan
+    # The plan's tiers once: the estimate, the forecast and the upgrade suggestion all price it.
+    prefetch_related_objects([plan], "overage_tiers")
     is_current = current is not None and period.pk == current.pk
     balance_instant = now if is_current else min(now, period.end - timedelta(microseconds=1))
     rollups = (
@@ -288,11 +291,9 @@ def _quantities(period: BillingPeriod) -> list[tuple[int, Decimal, Decimal]]:
     ]
 
 
-def _credits_on(plan, quantities: list, growth: Decimal = Decimal(1)) -> Decimal:
-    """The credits those quantities (times `growth`) cost at `plan`'s credit costs."""
-    from plans.models import FeatureCost
-
-    costs = dict(FeatureCost.objects.filter(plan=plan).values_list("feature_id", "credits_per_unit"))
+def _credits_on(costs: dict, quantities: list, growth: Decimal = Decimal(1)) -> Decimal:
+    """The credits those quantities (times `growth`) cost at a plan's credit costs
+    (`costs`: feature id → credits per unit, where the plan sets one)."""
     return quantize_credits(sum(
         (quantity * growth * costs.get(feature_id, default) for feature_id, default, quantity in quantities), ZERO))
 
@@ -300,10 +301,17 @@ def _credits_on(plan, quantities: list, growth: Decimal = Decimal(1)) -> Decimal
 def _credits_drawn_beyond_included(period: BillingPeriod) -> Decimal:
     """Credits `period` drew from purchased, promotional and rolled-over grants
     (including purchases that paid its overage down): the customer has them whatever
-    the plan, so another plan is credited with them too."""
-    drawn = (LedgerEntry.objects.filter(period=period, kind=LedgerEntry.Kind.CONSUME)
-             .exclude(grant__source=CreditGrant.Source.PLAN_ALLOCATION).aggregate(total=Sum("credits"))["total"])
-    return -credits_total(drawn)
+    the plan, so another plan is credited with them too.
+
+    That is the period's consume entries less those on its included grants, computed
+    without reading a per-event entry (the dashboard asks on every poll, and a period
+    may hold millions): everything the period consumed from grants is its credits used
+    less its overage (cached totals of exactly those entries, see ledger_check), and
+    what it consumed from its included grants is what they gave up other than by
+    expiry or rollover. Included grants serve only their own period (they start and
+    expire with it), so no other period's consumption is in either figure."""
+    _, included_used = included_credits_used(period)
+    return period.credits_used - period.overage_credits - included_used
 
 
 def period_bill_on(plan, customer: Customer, credits: Decimal, other_credits: Decimal = ZERO) -> Decimal | None:
@@ -335,7 +343,7 @@ def best_plan_saving(*, customer: Customer, usage: PeriodUsage, forecast: Foreca
       middle bill (what the dashboard shows as likely) against the other plan's bill
       for the usage so far scaled to that same projection.
     """
-    from plans.models import Plan
+    from plans.models import FeatureCost, Plan
 
     current = usage.period
     plan = current.plan
@@ -343,6 +351,7 @@ def best_plan_saving(*, customer: Customer, usage: PeriodUsage, forecast: Foreca
     last = (BillingPeriod.objects.select_related("plan").filter(customer=customer, end__lte=current.start)
             .order_by("-start").first())
     if last is not None and last.plan_id == plan.pk:
+        last.plan = plan  # the same plan, its tiers already loaded
         paid = price_period(last.plan, last.overage_credits, waived=overage_waived_amount(last)).total
         comparisons.append((last, paid, Decimal(1), _credits_drawn_beyond_included(last), False))
     if now - current.start >= timedelta(days=FORECAST_WINDOW_DAYS):
@@ -350,13 +359,20 @@ def best_plan_saving(*, customer: Customer, usage: PeriodUsage, forecast: Foreca
         at_hand = _credits_drawn_beyond_included(current) + max(balance.purchased + balance.promotional
                                                                 - balance.held, ZERO)
         comparisons.append((current, forecast.bill_mid, forecast.growth_mid, at_hand, True))
-    candidates = (Plan.objects.filter(is_active=True, currency=plan.currency, interval=plan.interval)
-                  .exclude(pk=plan.pk).prefetch_related("overage_tiers"))
+    if not comparisons:
+        return None
+    candidates = list(Plan.objects.filter(is_active=True, currency=plan.currency, interval=plan.interval)
+                      .exclude(pk=plan.pk).prefetch_related("overage_tiers"))
+    costs = {candidate.pk: {} for candidate in candidates}
+    for plan_id, feature_id, per_unit in FeatureCost.objects.filter(plan__in=candidates).values_list(
+            "plan_id", "feature_id", "credits_per_unit"):
+        costs[plan_id][feature_id] = per_unit
     best = None
     for period, spent, growth, other_credits, projected in comparisons:
         quantities = _quantities(period)
         for candidate in candidates:
-            alternative = period_bill_on(candidate, customer, _credits_on(candidate, quantities, growth), other_credits)
+            alternative = period_bill_on(candidate, customer, _credits_on(costs[candidate.pk], quantities, growth),
+                                         other_credits)
             if alternative is None:
                 continue
             option = PlanSaving(plan=candidate, period=period, current_total=spent, alternative_total=alternative,

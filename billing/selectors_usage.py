@@ -1,12 +1,13 @@
 """Reads for the portal's usage history: daily and per-feature credits come from
 UsageRollup (kept in the event's own transaction), never from a scan of raw events;
-only the event list itself reads UsageEvent, one page or one export at a time."""
+only the event list itself reads UsageEvent, one page (by keyset, see `event_page`) or
+one export at a time."""
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 
 from billing.models import BillingPeriod, Customer, UsageEvent, UsageRollup
 from plans.models import Feature
@@ -116,11 +117,12 @@ def period_events(customer: Customer, period: BillingPeriod, *, feature: Feature
                   since: date | None = None, until: date | None = None) -> QuerySet[UsageEvent]:
     """The customer's events in the period (accepted and rejected), newest first;
     `since` and `until` are UTC days, both included."""
-    # An event lies in the period its timestamp falls in: the time bounds let the
-    # (customer, timestamp) index start at the period's end instead of the newest event.
+    # The period leads the (period, timestamp, id) and (period, feature, timestamp, id)
+    # indexes, which give this order. No time bounds of the period itself: the planner
+    # would multiply their selectivity by the period's and, taking a small period for a
+    # handful of rows, sort it whole rather than read 51 rows off the index.
     since, until = clamp_days(period, since, until)
-    events = UsageEvent.objects.filter(customer=customer, period=period, timestamp__gte=period.start,
-                                       timestamp__lt=period.end).select_related("feature")
+    events = UsageEvent.objects.filter(period=period, customer=customer).select_related("feature")
     if feature is not None:
         events = events.filter(feature=feature)
     if since is not None:
@@ -128,3 +130,120 @@ def period_events(customer: Customer, period: BillingPeriod, *, feature: Feature
     if until is not None:
         events = events.filter(timestamp__lt=utc_day_start(until + timedelta(days=1)))
     return events.order_by("-timestamp", "-id")
+
+
+EVENTS_PER_PAGE = 50
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_ID = 2**63 - 1  # a bigint: a larger id in a hand-made cursor must not reach the query
+
+
+@dataclass(frozen=True)
+class EventCursor:
+    """A position in the event list: an event's (timestamp, id), the list's order. A
+    page is "the next 50 after (or before) this position", read straight off the
+    (customer, timestamp, id) index: the same cost at any depth, where OFFSET reads
+    and drops every row above the page, and rows that arrive meanwhile neither repeat
+    nor skip a row on the next page."""
+
+    timestamp: datetime
+    id: int
+
+    @classmethod
+    def of(cls, event: UsageEvent) -> "EventCursor":
+        return cls(event.timestamp, event.pk)
+
+    def token(self) -> str:
+        """For a URL: microseconds since the epoch (exact, unlike a float) and the id."""
+        return f"{(self.timestamp - _EPOCH) // timedelta(microseconds=1)}_{self.id}"
+
+    @classmethod
+    def parse(cls, token: str | None) -> "EventCursor | None":
+        """None for a missing or malformed token (the list then starts at the newest)."""
+        try:
+            micros, pk = (token or "").split("_")
+            cursor = cls(_EPOCH + timedelta(microseconds=int(micros)), int(pk))
+        except (ValueError, OverflowError):
+            return None
+        return cursor if 0 <= cursor.id <= _MAX_ID else None
+
+
+@dataclass
+class EventPage:
+    """One page of the event list, newest first. `newer` / `older`: where the
+    neighbouring pages start (before the first row / after the last), None at an end."""
+
+    events: list[UsageEvent]
+    newer: EventCursor | None
+    older: EventCursor | None
+
+
+def _older_than(events: QuerySet[UsageEvent], cursor: EventCursor) -> QuerySet[UsageEvent]:
+    # (timestamp, id) < cursor. The plain `timestamp <=` bound is what the index range
+    # scan uses; the OR only drops the cursor's own instant's later ids.
+    return events.filter(timestamp__lte=cursor.timestamp).filter(
+        Q(timestamp__lt=cursor.timestamp) | Q(id__lt=cursor.id))
+
+
+def _newer_than(events: QuerySet[UsageEvent], cursor: EventCursor) -> QuerySet[UsageEvent]:
+    return events.filter(timestamp__gte=cursor.timestamp).filter(
+        Q(timestamp__gt=cursor.timestamp) | Q(id__gt=cursor.id)).order_by("timestamp", "id")
+
+
+def _any(events: QuerySet[UsageEvent]) -> bool:
+    """Whether the (ordered) queryset has a row, read as its first row in index order.
+    Not .exists(): that drops the ORDER BY, and PostgreSQL then expects a sequential
+    scan to meet a match at once, where it reads millions of rows first."""
+    return bool(list(events.values_list("pk", flat=True)[:1]))
+
+
+def event_page(customer: Customer, period: BillingPeriod, *, feature: Feature | None = None,
+               since: date | None = None, until: date | None = None, after: EventCursor | None = None,
+               before: EventCursor | None = None, size: int = EVENTS_PER_PAGE) -> EventPage:
+    """The page of `period_events` (same filters) just older than `after`, or just
+    newer than `before`, or else the newest page. Two short index reads: the page (one
+    row more, to know whether the list goes on that way) and an EXISTS the other way.
+
+    Going newer from near the top, with less than a page left above `before`, gives
+    the newest page rather than a short one, so "Newer" always lands on full pages."""
+    events = period_events(customer, period, feature=feature, since=since, until=until)
+    if before is not None:
+        rows = list(_newer_than(events, before)[:size + 1])
+        if len(rows) >= size:
+            more = len(rows) > size
+            rows = rows[:size][::-1]
+            last = EventCursor.of(rows[-1])
+            return EventPage(rows, newer=EventCursor.of(rows[0]) if more else None,
+                             older=last if _any(_older_than(events, last)) else None)
+        after = None  # less than a page above: the newest page
+    if after is not None:
+        rows = list(_older_than(events, after)[:size + 1])
+        anchor = EventCursor.of(rows[0]) if rows else after
+        return EventPage(rows[:size], newer=anchor if _any(_newer_than(events, anchor)) else None,
+                         older=EventCursor.of(rows[size - 1]) if len(rows) > size else None)
+    rows = list(events[:size + 1])
+    return EventPage(rows[:size], newer=None, older=EventCursor.of(rows[size - 1]) if len(rows) > size else None)
+
+
+EXPORT_CHUNK = 2000
+EXPORT_FIELDS = ("event_id", "timestamp", "feature__code", "quantity", "credits", "overage_credits", "status",
+                 "reject_reason")
+
+
+def period_event_chunks(customer: Customer, period: BillingPeriod, *, feature: Feature | None = None,
+                        since: date | None = None, until: date | None = None, size: int = EXPORT_CHUNK):
+    """Every event `period_events` lists (same filters, same order) as tuples of
+    EXPORT_FIELDS, a list of up to `size` at a time, for an export of millions of rows.
+    Each chunk is its own short read by keyset after the previous chunk's last row:
+    the first rows come at once (a server-side cursor over the whole period let the
+    planner choose to sort it first), and no cursor or transaction stays open while
+    the client downloads."""
+    events = period_events(customer, period, feature=feature, since=since, until=until)
+    after = None
+    while True:
+        page = events if after is None else _older_than(events, after)
+        rows = list(page.values_list(*EXPORT_FIELDS, "id")[:size])
+        if rows:
+            yield [row[:-1] for row in rows]
+        if len(rows) < size:
+            return
+        after = EventCursor(rows[-1][1], rows[-1][-1])

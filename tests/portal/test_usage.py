@@ -5,12 +5,14 @@ import csv
 import io
 import re
 from decimal import Decimal
+from html import escape, unescape
 
 import pytest
 import time_machine
 from django.contrib.auth import get_user_model
 
-from billing.models import BillingPeriod, CustomerMember
+from billing.models import BillingPeriod, CustomerMember, UsageEvent
+from billing.selectors_usage import EventCursor
 from billing.services.metering import EventInput, record_event, record_events
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
 
@@ -136,6 +138,12 @@ def test_the_farthest_dates_are_no_bound_not_an_error(client, acme):
     assert [row[0] for row in csv_rows(until_may_9)] == ["event_id", "m2", "m1"]
 
 
+def pager_link(html: str, rel: str) -> str | None:
+    """The href of the pager's "prev" (Newer) or "next" (Older) link, unescaped; None if absent."""
+    found = re.search(rf'rel="{rel}" href="([^"]*)"', html)
+    return unescape(found.group(1)) if found else None
+
+
 @time_machine.travel(NOW, tick=False)
 def test_events_are_paginated_fifty_a_page_and_links_keep_the_filters(client, acme):
     _, may = periods(acme)
@@ -144,15 +152,155 @@ def test_events_are_paginated_fifty_a_page_and_links_keep_the_filters(client, ac
                                      timestamp=at.replace(minute=n)) for n in range(55)], now=NOW)
 
     first = client.get("/portal/usage/?feature=api").content.decode()
-    second = client.get(f"/portal/usage/?period={may.pk}&feature=api&page=2").content.decode()
+    older = pager_link(first, "next")
+    second = client.get(f"/portal/usage/{older}").content.decode()
+    newer = pager_link(second, "prev")
+    back = client.get(f"/portal/usage/{newer}").content.decode()
 
     assert '<p class="muted" id="event-count">58 events</p>' in first
-    assert "Page 1 of 2" in first
     assert event_ids(first) == ["m5"] + [f"p{n:02}" for n in range(54, 5, -1)]
-    assert f'href="?period={may.pk}&amp;feature=api&amp;page=2"' in first
-    assert f'hx-get="/portal/usage/?period={may.pk}&amp;feature=api&amp;page=2"' in first
+    # The newest page has no Newer link; its Older link starts after its last row and keeps the filters.
+    assert pager_link(first, "prev") is None and "Newest" not in first
+    p06 = UsageEvent.objects.get(event_id="p06")
+    assert older == f"?period={may.pk}&feature=api&after={EventCursor.of(p06).token()}"
+    assert f'hx-get="/portal/usage/{escape(older)}"' in first
     assert event_ids(second) == [f"p{n:02}" for n in range(5, -1, -1)] + ["m3", "m1"]
-    assert "Page 2 of 2" in second
+    assert '<p class="muted" id="event-count">58 events</p>' in second
+    # The last page: Newer (before its first row) and Newest, no Older.
+    assert pager_link(second, "next") is None
+    p05 = UsageEvent.objects.get(event_id="p05")
+    assert newer == f"?period={may.pk}&feature=api&before={EventCursor.of(p05).token()}"
+    assert f'href="?period={may.pk}&amp;feature=api"' in second and "Newest" in second
+    assert event_ids(back) == event_ids(first)
+    assert pager_link(back, "prev") is None and pager_link(back, "next") == older
+
+
+def walk(client, url: str, rel: str) -> list[list[str]]:
+    """Every page from `url`, following the pager's `rel` link to the end."""
+    pages = []
+    while url is not None:
+        html = client.get(f"/portal/usage/{url}").content.decode()
+        pages.append(event_ids(html))
+        url = pager_link(html, rel)
+    return pages
+
+
+@time_machine.travel(NOW, tick=False)
+def test_pages_by_position_have_no_duplicate_and_no_gap_even_when_events_share_an_instant(client, acme):
+    """Keyset paging on (timestamp, id): 130 events at one instant are told apart by id,
+    so walking Older to the end and Newer back lists every event once, in order."""
+    _, may = periods(acme)
+    same = utc(2026, 5, 12, 6)
+    record_events(events=[EventInput(event_id=f"s{n:03}", customer="acme", feature="api", quantity=Decimal(1),
+                                     timestamp=same) for n in range(130)], now=NOW)
+    record_events(events=[EventInput(event_id=f"t{n:02}", customer="acme", feature="gpt-4o", quantity=Decimal(0),
+                                     timestamp=same.replace(hour=n % 24, minute=n)) for n in range(40)], now=NOW)
+    expected = list(UsageEvent.objects.filter(customer=acme, period=may).order_by("-timestamp", "-id")
+                    .values_list("event_id", flat=True))
+
+    older = walk(client, "?", "next")
+    listed = [event_id for page in older for event_id in page]
+    url, html = "?", client.get("/portal/usage/").content.decode()
+    while pager_link(html, "next"):  # to the last page, then back by the Newer links
+        url = pager_link(html, "next")
+        html = client.get(f"/portal/usage/{url}").content.decode()
+    back = walk(client, url, "prev")
+
+    assert len(expected) == 5 + 130 + 40
+    assert listed == expected and len(set(listed)) == len(listed)
+    assert [len(page) for page in older] == [50, 50, 50, 25]
+    assert back == older[::-1]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_filtered_pages_keep_the_feature_and_days_and_list_exactly_the_filtered_events(client, acme):
+    _, may = periods(acme)
+    record_events(events=[EventInput(event_id=f"f{n:03}", customer="acme", feature=("api", "gpt-4o")[n % 2],
+                                     quantity=Decimal(0), timestamp=utc(2026, 5, 3 + n % 10, n % 24, n % 60))
+                          for n in range(300)], now=NOW)
+    expected = list(UsageEvent.objects.filter(customer=acme, period=may, feature__code="gpt-4o",
+                                              timestamp__gte=utc(2026, 5, 5), timestamp__lt=utc(2026, 5, 11))
+                    .order_by("-timestamp", "-id").values_list("event_id", flat=True))
+
+    pages = walk(client, "?feature=gpt-4o&from=2026-05-05&to=2026-05-10", "next")
+
+    assert [event_id for page in pages for event_id in page] == expected
+    assert len(expected) == 90 and [len(page) for page in pages] == [50, 40]
+    html = client.get("/portal/usage/?feature=gpt-4o&from=2026-05-05&to=2026-05-10").content.decode()
+    assert pager_link(html, "next").startswith(f"?period={may.pk}&feature=gpt-4o&from=2026-05-05&to=2026-05-10&after=")
+
+
+@time_machine.travel(NOW, tick=False)
+def test_events_arriving_meanwhile_neither_repeat_nor_skip_a_row_on_the_next_page(client, acme):
+    record_events(events=[EventInput(event_id=f"p{n:02}", customer="acme", feature="api", quantity=Decimal(0),
+                                     timestamp=utc(2026, 5, 12, 0, n)) for n in range(60)], now=NOW)
+    first = client.get("/portal/usage/").content.decode()
+    record_events(events=[EventInput(event_id=f"new{n}", customer="acme", feature="api", quantity=Decimal(0),
+                                     timestamp=utc(2026, 5, 15, 23, n)) for n in range(7)], now=NOW)
+
+    second = client.get(f"/portal/usage/{pager_link(first, 'next')}").content.decode()
+    back = client.get(f"/portal/usage/{pager_link(second, 'prev')}").content.decode()
+
+    # Page 1 ended at p12; page 2 starts right after it, as an OFFSET of 50 would not (it would repeat 7 rows).
+    assert event_ids(first)[:3] == ["m5", "m4", "p59"] and event_ids(first)[-1] == "p12"
+    assert event_ids(second)[0] == "p11"
+    assert not set(event_ids(first)) & set(event_ids(second))
+    # Going back, the newer page is the 50 rows above page 2, and the new events are above that.
+    assert event_ids(back) == event_ids(first)
+    assert pager_link(back, "prev") is not None
+    assert event_ids(client.get("/portal/usage/").content.decode())[:7] == [f"new{n}" for n in range(6, -1, -1)]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_newer_from_near_the_top_lands_on_the_newest_full_page(client, acme):
+    record_events(events=[EventInput(event_id=f"p{n:02}", customer="acme", feature="api", quantity=Decimal(0),
+                                     timestamp=utc(2026, 5, 12, 0, n)) for n in range(60)], now=NOW)
+    third_from_top = UsageEvent.objects.filter(customer=acme).order_by("-timestamp", "-id")[2]
+
+    html = client.get(f"/portal/usage/?before={EventCursor.of(third_from_top).token()}").content.decode()
+
+    assert event_ids(html) == event_ids(client.get("/portal/usage/").content.decode())
+    assert len(event_ids(html)) == 50 and pager_link(html, "prev") is None and pager_link(html, "next")
+
+
+@time_machine.travel(NOW, tick=False)
+@pytest.mark.parametrize("cursor", ["nonsense", "12_", "_3", "1_2_3", "99999999999999999999_1",
+                                    "1778544000000000_99999999999999999999", "-5_-5", ""])
+def test_a_malformed_cursor_starts_at_the_newest_page(client, acme, cursor):
+    for param in ("after", "before"):
+        response = client.get(f"/portal/usage/?{param}={cursor}")
+        assert response.status_code == 200
+        assert event_ids(response.content.decode()) == ["m5", "m4", "m3", "m2", "m1"]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_cursor_at_another_customers_event_shows_none_of_their_events(client, acme):
+    """A position is only a (timestamp, id) bound on the customer's own events of the
+    selected period: another account's event id in it reveals nothing of theirs."""
+    make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="globex")
+    record_events(events=[EventInput(event_id=f"g{n}", customer="globex", feature="api", quantity=Decimal(1),
+                                     timestamp=utc(2026, 5, 12, 0, n)) for n in range(60)], now=NOW)
+    theirs = UsageEvent.objects.filter(customer__external_id="globex").order_by("-timestamp", "-id")[30]
+
+    for param in ("after", "before"):
+        html = client.get(f"/portal/usage/?{param}={EventCursor.of(theirs).token()}").content.decode()
+        partial = client.get(f"/portal/usage/?{param}={EventCursor.of(theirs).token()}",
+                             HTTP_HX_REQUEST="true").content.decode()
+        assert not [e for e in event_ids(html) + event_ids(partial) if e.startswith("g")]
+    # After their event's position: acme's own events older than it (m3, m2, m1), nothing of Globex.
+    assert event_ids(client.get(f"/portal/usage/?after={EventCursor.of(theirs).token()}").content.decode()) == [
+        "m3", "m2", "m1"]
+
+
+def test_a_cursor_token_round_trips_to_the_microsecond():
+    from datetime import timedelta
+
+    at = utc(2026, 5, 12, 6, 30) + timedelta(microseconds=123457)
+    cursor = EventCursor(at, 42)
+
+    assert EventCursor.parse(cursor.token()) == cursor
+    before_epoch = EventCursor(utc(1969, 12, 31, 23, 59), 1)
+    assert EventCursor.parse(before_epoch.token()) == before_epoch
 
 
 @time_machine.travel(NOW, tick=False)
@@ -185,6 +333,27 @@ def test_csv_export_has_every_page(client, acme):
 
     assert len(rows) == 1 + 123
     assert [row[0] for row in rows[1:]] == ["m5"] + [f"p{n:03}" for n in range(119, -1, -1)] + ["m3", "m1"]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_the_export_reads_in_chunks_by_position_with_no_duplicate_and_no_gap(acme):
+    """The CSV's rows come from keyset chunks; small chunks over events sharing an
+    instant must still give the whole list, once, in the list's order."""
+    from billing.selectors_usage import period_event_chunks
+    from plans.models import Feature
+
+    _, may = periods(acme)
+    record_events(events=[EventInput(event_id=f"s{n:02}", customer="acme", feature="api", quantity=Decimal(0),
+                                     timestamp=utc(2026, 5, 12, n % 3)) for n in range(40)], now=NOW)
+    api = Feature.objects.get(code="api")
+
+    for filters in ({}, {"feature": api}):
+        expected = list(UsageEvent.objects.filter(customer=acme, period=may, **filters)
+                        .order_by("-timestamp", "-id").values_list("event_id", flat=True))
+        for size in (1, 7, 43, 2000):
+            chunks = list(period_event_chunks(acme, may, size=size, **filters))
+            assert [row[0] for chunk in chunks for row in chunk] == expected
+            assert all(len(chunk) <= size for chunk in chunks)
 
 
 @time_machine.travel(NOW, tick=False)
