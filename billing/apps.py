@@ -6,6 +6,8 @@ class BillingConfig(AppConfig):
     verbose_name = "Billing"
 
     def ready(self):
+        from billing.services.positions import connect_signals
         from billing.services.stripe_sync import configure_sdk
 
         configure_sdk()
+        connect_signals()

@@ -174,6 +174,10 @@ OVERAGE_PERIOD_GRACE_SECONDS = env_int("OVERAGE_PERIOD_GRACE_SECONDS", 3600)
 # An event stamped further than this in the future is refused (clock skew allowance).
 OVERAGE_CLOCK_SKEW_SECONDS = env_int("OVERAGE_CLOCK_SKEW_SECONDS", 300)
 OVERAGE_RESERVATION_TTL_SECONDS = env_int("OVERAGE_RESERVATION_TTL_SECONDS", 300)
+# Entitlement checks reuse a cached credit position at most this old (billing/services/positions.py).
+OVERAGE_POSITION_CACHE_SECONDS = env_int("OVERAGE_POSITION_CACHE_SECONDS", 30)
+# A web process re-reads an API key it authenticated at most this long ago (revocation delay).
+OVERAGE_API_KEY_CACHE_SECONDS = env_int("OVERAGE_API_KEY_CACHE_SECONDS", 5)
 OVERAGE_RESERVATION_MAX_TTL_SECONDS = env_int("OVERAGE_RESERVATION_MAX_TTL_SECONDS", 86400)
 OVERAGE_MAX_BATCH_EVENTS = 1000
 OVERAGE_INVOICE_PREFIX = env_str("OVERAGE_INVOICE_PREFIX", "OVG")

@@ -53,3 +53,13 @@ def _celery_app_stays_ours():
 
     yield
     assert current_app._get_current_object() is app, "a test left another Celery app current"
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """The database is rolled back between tests, the cache (Redis in CI) is not: a
+    cached credit position of one test's "acme" must not answer the next test's."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield

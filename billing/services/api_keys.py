@@ -4,8 +4,10 @@ stored, and the key is shown once."""
 import hashlib
 import hmac
 import secrets
+import time
 from datetime import datetime
 
+from django.conf import settings
 from django.db import transaction
 
 from billing.models import ApiKey
@@ -32,14 +34,29 @@ def api_key_create(*, name: str, scopes: list[str] | None = None) -> tuple[ApiKe
     return api_key, key
 
 
+# Keys this process authenticated lately: hash → (key, when). Every API call is
+# authenticated, and ingestion is the hot path; a revocation reaches other processes
+# within OVERAGE_API_KEY_CACHE_SECONDS (this one at once, see api_key_revoke).
+_recently_authenticated: dict[str, tuple[ApiKey, float]] = {}
+_RECENT_MAX = 1000
+
+
 def api_key_authenticate(key: str) -> ApiKey | None:
     """The active key matching `key`, or None. Compared in constant time."""
     parts = key.split("_")
     if len(parts) < 3 or parts[0] != "ovg":
         return None
+    digest = _hash(key)
+    recent = _recently_authenticated.get(digest)
+    if recent is not None and time.monotonic() - recent[1] < settings.OVERAGE_API_KEY_CACHE_SECONDS:
+        return recent[0]
     api_key = ApiKey.objects.filter(prefix=parts[1], revoked_at__isnull=True).first()
-    if api_key is None or not hmac.compare_digest(api_key.key_hash, _hash(key)):
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, digest):
+        _recently_authenticated.pop(digest, None)
         return None
+    if len(_recently_authenticated) >= _RECENT_MAX:
+        _recently_authenticated.clear()
+    _recently_authenticated[digest] = (api_key, time.monotonic())
     return api_key
 
 
@@ -47,4 +64,7 @@ def api_key_revoke(*, api_key: ApiKey, now: datetime) -> ApiKey:
     if api_key.revoked_at is None:
         api_key.revoked_at = now
         api_key.save(update_fields=["revoked_at"])
+    for digest, (cached, _) in list(_recently_authenticated.items()):
+        if cached.pk == api_key.pk:
+            _recently_authenticated.pop(digest, None)
     return api_key

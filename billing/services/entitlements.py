@@ -13,9 +13,10 @@ from billing.models import Customer, Reservation, ReservationHold
 from billing.services.customers import current_period, live_subscription
 from billing.services.ledger import CustomerLedger, Reason
 from billing.services.locks import lock_customer
+from billing.services.positions import Position, customer_position
 from billing.services.metering import credits_for
 from plans.models import Feature
-from plans.money import ZERO
+from plans.money import ZERO, quantize_credits
 
 
 @dataclass
@@ -36,6 +37,9 @@ def check_entitlement(*, customer_external_id: str, feature_code: str, quantity:
     an event would be charged by. With `reserve`, hold the credits (and the overage
     room under the cap) until an event settles the reservation, it is released, or it
     expires."""
+    if not reserve:
+        return _check_position(customer_position(customer_external_id=customer_external_id, now=now),
+                               feature_code, quantity, now)
     customer = Customer.objects.filter(external_id=customer_external_id).first()
     if customer is None:
         raise NotFound(f"No customer with external_id {customer_external_id!r}.", code="customer_not_found",
@@ -48,9 +52,6 @@ def check_entitlement(*, customer_external_id: str, feature_code: str, quantity:
     if period is None or subscription is None:
         return _denied(Reason.NO_SUBSCRIPTION)
     credits = credits_for(period.plan, feature, quantity)
-    if not reserve:
-        ledger = CustomerLedger(customer, subscription, now=now)
-        return _decision(ledger.plan_charge(period=period, feature=feature, credits=credits, at=now))
     ttl = reservation_ttl_seconds or settings.OVERAGE_RESERVATION_TTL_SECONDS
     with transaction.atomic():
         lock_customer(customer.pk)
@@ -72,6 +73,19 @@ def check_entitlement(*, customer_external_id: str, feature_code: str, quantity:
                 ReservationHold(reservation=reservation, grant=draw.grant, credits=draw.credits) for draw in charge.draws
             )
         return _decision(charge, reservation)
+
+
+def _check_position(position: Position, feature_code: str, quantity: Decimal, now: datetime) -> EntitlementDecision:
+    """Decide from a (possibly cached) position: the same `plan_charge` as an event."""
+    feature = position.features.get(feature_code)
+    if feature is None:
+        return _denied(Reason.UNKNOWN_FEATURE)
+    if position.period is None:
+        return _denied(Reason.NO_SUBSCRIPTION)
+    credits = quantize_credits(quantity * position.credits_per_unit[feature.pk])
+    ledger = CustomerLedger(position.customer, position.subscription, now=now, _loaded=position.loaded)
+    ledger.overage_cap_known(position.period, position.overage_cap)
+    return _decision(ledger.plan_charge(period=position.period, feature=feature, credits=credits, at=now))
 
 
 def _decision(charge, reservation=None) -> EntitlementDecision:

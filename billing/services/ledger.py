@@ -199,13 +199,13 @@ class CustomerLedger:
             creditgrant__in=list(owner)
         ).values_list("creditgrant_id", "feature_id"):
             loaded[owner[grant_id]][1].setdefault(grant_id, set()).add(feature_id)
-        # Active holds: reservation → ({grant: credits}, overage credits, period id).
+        # Active holds: reservation → ({grant: credits}, overage credits, period id, expiry).
         for reservation in Reservation.objects.filter(
             customer_id__in=customer_ids, status=Reservation.Status.ACTIVE, expires_at__gt=now
         ).prefetch_related("holds"):
             loaded[reservation.customer_id][2][reservation.pk] = (
                 {h.grant_id: h.credits for h in reservation.holds.all()},
-                reservation.overage_credits, reservation.period_id,
+                reservation.overage_credits, reservation.period_id, reservation.expires_at,
             )
         return loaded
 
@@ -214,9 +214,9 @@ class CustomerLedger:
     def _held(self, exclude) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
         by_grant: dict[int, Decimal] = {}
         overage_by_period: dict[int, Decimal] = {}
-        for reservation_id, (grants, overage, period_id) in self._holds.items():
-            if reservation_id == exclude:
-                continue
+        for reservation_id, (grants, overage, period_id, expires_at) in self._holds.items():
+            if reservation_id == exclude or expires_at <= self.now:
+                continue  # (a cached position may hold reservations that have expired since)
             for grant_id, credits in grants.items():
                 by_grant[grant_id] = by_grant.get(grant_id, ZERO) + credits
             overage_by_period[period_id] = overage_by_period.get(period_id, ZERO) + overage
@@ -273,6 +273,10 @@ class CustomerLedger:
         else:
             result.estimated_overage_amount = estimate(committed_overage)
         return result
+
+    def overage_cap_known(self, period: BillingPeriod, cap: Decimal | None) -> None:
+        """The period's cap, already read (a cached position carries it)."""
+        self._caps[period.pk] = cap
 
     def _cap(self, period: BillingPeriod) -> Decimal | None:
         if period.pk not in self._caps:

@@ -1,6 +1,7 @@
 from django.db import transaction
 
 from billing.models import Customer
+from billing.services.positions import customers_changed
 
 
 def lock_customer(customer_id: int) -> Customer:
@@ -13,10 +14,14 @@ def lock_customer(customer_id: int) -> Customer:
     transactions can never wait on each other.
     """
     assert transaction.get_connection().in_atomic_block, "lock_customer needs a transaction"
-    return Customer.objects.select_for_update().get(pk=customer_id)
+    customer = Customer.objects.select_for_update().get(pk=customer_id)
+    customers_changed([customer.external_id])  # whoever locks may write: cached positions go
+    return customer
 
 
 def lock_customers(customer_ids) -> dict[int, Customer]:
     assert transaction.get_connection().in_atomic_block, "lock_customers needs a transaction"
-    customers = Customer.objects.select_for_update().filter(pk__in=sorted(set(customer_ids))).order_by("pk")
-    return {c.pk: c for c in customers}
+    customers = {c.pk: c for c in
+                 Customer.objects.select_for_update().filter(pk__in=sorted(set(customer_ids))).order_by("pk")}
+    customers_changed([c.external_id for c in customers.values()])
+    return customers

@@ -1,0 +1,176 @@
+"""A customer's credit position for entitlement checks, cached.
+
+The check is the hottest read: integrators ask before every call they serve. It needs
+what `CustomerLedger.plan_charge` reads (subscription, current period with its plan,
+usable grants, active holds, the overage cap) and the catalogue (features, costs). A
+`Position` is that, built from the database, kept in the cache (Redis in production)
+and reused while all of these hold:
+
+- the customer's *generation token* is still the one it was built under. Every
+  transaction that locks a customer (which every write to its credits, periods,
+  reservations, caps or plan does) sets a new token when it locks and again once it
+  commits; so do saves of a customer or subscription outside a lock (the admin). The
+  token is read before the database, so a write that commits while a position is being
+  built makes it stale at once rather than after the fact;
+- the catalogue token is unchanged (any save of a plan, tier, feature or feature cost);
+- `now` is still inside the position's period, and the position is younger than
+  `OVERAGE_POSITION_CACHE_SECONDS` (a bound for a token change lost to a cache outage).
+
+Guarantee: a check answers from a position reflecting every write whose commit
+finished before the check began, except in the instant between a write's commit and
+its token change, so it can allow at most the credits of writes in flight. Reserving
+(`reserve=True`) always reads the database under the customer's lock. If the cache is
+unreachable, positions are built from the database every time: slower, never wrong.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import prefetch_related_objects
+
+from billing.errors import NotFound
+from billing.models import BillingPeriod, CreditGrant, Customer, Subscription
+from billing.services.commit_hooks import after_commit
+from plans.models import Feature, FeatureCost
+
+logger = logging.getLogger(__name__)
+
+POSITION_KEY = "overage:position:{}"
+GENERATION_KEY = "overage:position-generation:{}"
+CATALOGUE_KEY = "overage:position-catalogue"
+
+
+@dataclass
+class Position:
+    customer: Customer
+    subscription: Subscription | None
+    period: BillingPeriod | None
+    # What `CustomerLedger` loads: (usable grants in consumption order, grant scopes, holds).
+    loaded: tuple[list[CreditGrant], dict, dict]
+    overage_cap: Decimal | None
+    features: dict[str, Feature]
+    credits_per_unit: dict[int, Decimal]  # feature id → the period plan's cost
+    generation: str
+    catalogue: str
+    built_at: datetime
+
+    def usable_at(self, now: datetime) -> bool:
+        fresh = now - self.built_at < timedelta(seconds=settings.OVERAGE_POSITION_CACHE_SECONDS)
+        in_period = self.period is None or self.period.start <= now < self.period.end
+        return fresh and in_period and self.built_at <= now
+
+
+def customer_position(*, customer_external_id: str, now: datetime) -> Position:
+    """The customer's position now: from the cache when still valid, else built from the
+    database (and cached)."""
+    key = POSITION_KEY.format(customer_external_id)
+    generation_key = GENERATION_KEY.format(customer_external_id)
+    try:
+        cached = cache.get_many([key, generation_key, CATALOGUE_KEY])
+    except Exception:  # noqa: BLE001 - the cache is an optimisation; the database is the truth
+        logger.warning("position cache unreachable; checking from the database", exc_info=True)
+        return _build(customer_external_id, now, generation="", catalogue="")
+    position = cached.get(key)
+    if (position is not None and position.generation == cached.get(generation_key)
+            and position.catalogue == cached.get(CATALOGUE_KEY) and position.usable_at(now)):
+        return position
+    try:
+        generation = cached.get(generation_key) or _new_token(generation_key)
+        catalogue = cached.get(CATALOGUE_KEY) or _new_token(CATALOGUE_KEY)
+    except Exception:  # noqa: BLE001
+        logger.warning("position cache unreachable; checking from the database", exc_info=True)
+        return _build(customer_external_id, now, generation="", catalogue="")
+    position = _build(customer_external_id, now, generation=generation, catalogue=catalogue)
+    try:
+        cache.set(key, position, timeout=settings.OVERAGE_POSITION_CACHE_SECONDS)
+    except Exception:  # noqa: BLE001
+        logger.warning("could not cache the position of %s", customer_external_id, exc_info=True)
+    return position
+
+
+def _new_token(key: str) -> str:
+    """The key's token, creating one if there is none (first use, or evicted)."""
+    cache.add(key, uuid.uuid4().hex, timeout=None)
+    return cache.get(key)
+
+
+def _build(customer_external_id: str, now: datetime, *, generation: str, catalogue: str) -> Position:
+    # Imported here: positions is imported by locks, which these import.
+    from billing.services.caps import effective_overage_cap
+    from billing.services.customers import current_period, live_subscription
+    from billing.services.ledger import CustomerLedger
+
+    customer = Customer.objects.filter(external_id=customer_external_id).first()
+    if customer is None:
+        raise NotFound(f"No customer with external_id {customer_external_id!r}.", code="customer_not_found",
+                       field="customer")
+    period = current_period(customer=customer, now=now)
+    subscription = live_subscription(customer)
+    if period is None or subscription is None:
+        period, subscription = None, None
+    features = {feature.code: feature for feature in Feature.objects.all()}
+    costs = {feature.pk: feature.default_credits_per_unit for feature in features.values()}
+    cap = None
+    loaded = ([], {}, {})
+    if period is not None:
+        costs.update(FeatureCost.objects.filter(plan=period.plan).values_list("feature_id", "credits_per_unit"))
+        cap = effective_overage_cap(period.plan, customer, period)
+        loaded = CustomerLedger._load([customer.pk], now, now)[customer.pk]
+        prefetch_related_objects([period.plan], "overage_tiers")  # cached with the plan, for pricing
+    return Position(customer=customer, subscription=subscription, period=period, loaded=loaded, overage_cap=cap,
+                    features=features, credits_per_unit=costs, generation=generation, catalogue=catalogue,
+                    built_at=now)
+
+
+# --- Invalidation -------------------------------------------------------------------------
+
+def customers_changed(external_ids) -> None:
+    """Give these customers new generation tokens now and again once the current
+    transaction commits: the first stops positions cached before the change (and reads
+    inside this transaction) from being used, the second those built from the database
+    while the change was not yet committed."""
+    keys = [GENERATION_KEY.format(e) for e in external_ids]
+    _set_new_tokens(keys)
+    after_commit(_set_new_tokens, keys)
+
+
+def catalogue_changed() -> None:
+    _set_new_tokens([CATALOGUE_KEY])
+    after_commit(_set_new_tokens, [CATALOGUE_KEY])
+
+
+def _set_new_tokens(keys: list[str]) -> None:
+    try:
+        cache.set_many({key: uuid.uuid4().hex for key in keys}, timeout=None)
+    except Exception:  # noqa: BLE001 - positions then expire by age (OVERAGE_POSITION_CACHE_SECONDS)
+        logger.warning("could not invalidate cached positions %s", keys, exc_info=True)
+
+
+def connect_signals() -> None:
+    """Saves that do not go through a customer's lock (the admin editing a customer's cap
+    override or a subscription; the catalogue) make cached positions stale too."""
+    from django.db.models.signals import post_delete, post_save
+
+    from plans.models import OverageTier, Plan
+
+    def customer_saved(sender, instance, **kwargs):
+        customers_changed([instance.external_id])
+
+    def subscription_saved(sender, instance, **kwargs):
+        customers_changed([instance.customer.external_id])
+
+    def catalogue_saved(sender, **kwargs):
+        catalogue_changed()
+
+    for name, signal in (("save", post_save), ("delete", post_delete)):
+        signal.connect(customer_saved, sender=Customer, weak=False, dispatch_uid=f"positions-customer-{name}")
+        signal.connect(subscription_saved, sender=Subscription, weak=False,
+                       dispatch_uid=f"positions-subscription-{name}")
+        for model in (Plan, OverageTier, Feature, FeatureCost):
+            signal.connect(catalogue_saved, sender=model, weak=False,
+                           dispatch_uid=f"positions-{model.__name__}-{name}")

@@ -1,0 +1,105 @@
+"""Entitlement checks answer from a cached credit position (billing/services/positions.py)
+and never from a stale one: every write under a customer's lock, every admin save of a
+customer or subscription and every catalogue change makes the next check rebuild it.
+The check without a cache (Redis down) gives the same answers from PostgreSQL."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+import time_machine
+
+from billing.models import Customer
+from billing.services.entitlements import check_entitlement
+from billing.services.ledger import grant_credits_once
+from billing.services.metering import EventInput, record_event
+from billing.services.positions import _build
+from plans.models import Feature, FeatureCost
+from tests.factories import FeatureFactory, make_customer, pro_plan, utc
+
+pytestmark = pytest.mark.django_db
+NOW = utc(2026, 5, 10, 9)
+
+
+@pytest.fixture
+def acme():
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    return make_customer(pro_plan(overage_cap=Decimal("5")), started_at=utc(2026, 5, 1), external_id="acme")
+
+
+def check(quantity="1", now=NOW, **kwargs):
+    return check_entitlement(customer_external_id="acme", feature_code="gpt-4o", quantity=Decimal(quantity), now=now,
+                             **kwargs)
+
+
+def uncached(quantity="1", now=NOW):
+    """The same decision from a position built from the database right now."""
+    from billing.services.entitlements import _check_position
+
+    return _check_position(_build("acme", now, generation="", catalogue=""), "gpt-4o", Decimal(quantity), now)
+
+
+def event(event_id, quantity, now=NOW):
+    record_event(event=EventInput(event_id=event_id, customer="acme", feature="gpt-4o", quantity=Decimal(quantity),
+                                  timestamp=now), now=now)
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_repeated_check_reads_nothing_from_the_database(acme, django_assert_num_queries):
+    first = check()
+    with django_assert_num_queries(0):
+        again = check()
+    assert again == first and first.credits_remaining == Decimal("10000")
+
+
+@time_machine.travel(NOW, tick=False)
+def test_every_write_is_seen_by_the_next_check(acme):
+    assert check().credits_remaining == Decimal("10000")
+    event("e1", "999")  # 9 990 credits
+    assert check().credits_remaining == Decimal("10")
+    grant_credits_once(customer=acme, idempotency_key="promo", credits=Decimal("500"), source="promotional", now=NOW)
+    assert check().credits_remaining == Decimal("510")
+    hold = check("50", reserve=True)  # holds the 500 credits (and 10 of the included)
+    assert hold.allowed and check().credits_remaining == Decimal("10")
+    event("e2", "100")  # 1 000 credits: the 10 unheld promotional ones, then 990 overage at 0.002
+    decision = check("1")  # 10 more overage credits: USD 2.00 for the period if it goes through
+    assert (decision.reason, decision.estimated_overage_amount) == ("overage", Decimal("2.00"))
+    assert decision == uncached("1")
+
+
+@time_machine.travel(NOW, tick=False)
+def test_admin_saves_and_catalogue_changes_are_seen(acme):
+    event("e1", "1000")  # all 10 000 included credits used
+    assert (check("100").allowed, check("100").reason) == (True, "overage")  # USD 2.00 ≤ the USD 5 cap
+    customer = Customer.objects.get(pk=acme.pk)
+    customer.overage_cap_override = Decimal("1")
+    customer.save()  # the admin lowers this customer's cap
+    assert check("100").reason == "spend_cap_reached"
+    customer.overage_cap_override = None
+    customer.save()
+    assert check("100").reason == "overage"
+    FeatureCost.objects.create(plan=acme.subscriptions.get().plan, feature=Feature.objects.get(code="gpt-4o"),
+                               credits_per_unit=Decimal("50"))  # the business reprices the feature
+    assert check("100").credits_required == Decimal("5000")
+    assert check("100").reason == "spend_cap_reached"  # 5 000 credits × 0.002 = USD 10 > USD 5
+
+
+def test_a_new_period_and_an_expired_hold_are_seen_without_any_write(acme):
+    with time_machine.travel(NOW, tick=False):
+        hold = check("999", reserve=True, reservation_ttl_seconds=10)
+        assert hold.allowed and check().credits_remaining == Decimal("10")  # cached from here
+    later = hold.reservation.expires_at + timedelta(seconds=1)  # within the cache's 30 s
+    with time_machine.travel(later, tick=False):
+        assert check(now=later).credits_remaining == Decimal("10000")  # the hold expired
+    with time_machine.travel(utc(2026, 6, 1, 0, 0, 1), tick=False):
+        assert check(now=utc(2026, 6, 1, 0, 0, 1)).credits_remaining == Decimal("10000")  # June's allotment
+
+
+@time_machine.travel(NOW, tick=False)
+def test_with_the_cache_down_checks_come_from_the_database(acme, settings):
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens there
+    assert check().credits_remaining == Decimal("10000")
+    event("e1", "999")
+    assert check().credits_remaining == Decimal("10")
+    assert check("2").reason == "overage"
