@@ -175,7 +175,8 @@ OVERAGE_PERIOD_GRACE_SECONDS = env_int("OVERAGE_PERIOD_GRACE_SECONDS", 3600)
 OVERAGE_CLOCK_SKEW_SECONDS = env_int("OVERAGE_CLOCK_SKEW_SECONDS", 300)
 OVERAGE_RESERVATION_TTL_SECONDS = env_int("OVERAGE_RESERVATION_TTL_SECONDS", 300)
 # Entitlement checks reuse a cached credit position at most this old (billing/services/positions.py).
-OVERAGE_POSITION_CACHE_SECONDS = env_int("OVERAGE_POSITION_CACHE_SECONDS", 30)
+# Only with Redis: a per-process cache would miss other processes' invalidations (0 = off).
+OVERAGE_POSITION_CACHE_SECONDS = env_int("OVERAGE_POSITION_CACHE_SECONDS", 30 if REDIS_URL else 0)
 # A web process re-reads an API key it authenticated at most this long ago (revocation delay).
 OVERAGE_API_KEY_CACHE_SECONDS = env_int("OVERAGE_API_KEY_CACHE_SECONDS", 5)
 OVERAGE_RESERVATION_MAX_TTL_SECONDS = env_int("OVERAGE_RESERVATION_MAX_TTL_SECONDS", 86400)

@@ -15,6 +15,8 @@ and reused while all of these hold:
 - the catalogue token is unchanged (any save of a plan, tier, feature or feature cost);
 - `now` is still inside the position's period, and the position is younger than
   `OVERAGE_POSITION_CACHE_SECONDS` (a bound for a token change lost to a cache outage).
+  The setting is 0 (off) unless Redis is configured: a per-process cache would not see
+  the other processes' token changes.
 
 Guarantee: a check answers from a position reflecting every write whose commit
 finished before the check began, except in the instant between a write's commit and
@@ -68,6 +70,8 @@ class Position:
 def customer_position(*, customer_external_id: str, now: datetime) -> Position:
     """The customer's position now: from the cache when still valid, else built from the
     database (and cached)."""
+    if settings.OVERAGE_POSITION_CACHE_SECONDS <= 0:
+        return _build(customer_external_id, now, generation="", catalogue="")
     key = POSITION_KEY.format(customer_external_id)
     generation_key = GENERATION_KEY.format(customer_external_id)
     try:

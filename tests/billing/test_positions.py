@@ -21,6 +21,12 @@ pytestmark = pytest.mark.django_db
 NOW = utc(2026, 5, 10, 9)
 
 
+@pytest.fixture(autouse=True)
+def position_cache(settings):
+    """On, whatever the environment (tests run in one process, so a local cache is shared)."""
+    settings.OVERAGE_POSITION_CACHE_SECONDS = 30
+
+
 @pytest.fixture
 def acme():
     FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
@@ -93,6 +99,15 @@ def test_a_new_period_and_an_expired_hold_are_seen_without_any_write(acme):
         assert check(now=later).credits_remaining == Decimal("10000")  # the hold expired
     with time_machine.travel(utc(2026, 6, 1, 0, 0, 1), tick=False):
         assert check(now=utc(2026, 6, 1, 0, 0, 1)).credits_remaining == Decimal("10000")  # June's allotment
+
+
+@time_machine.travel(NOW, tick=False)
+def test_without_the_cache_checks_read_the_database_every_time(acme, settings, django_assert_max_num_queries):
+    settings.OVERAGE_POSITION_CACHE_SECONDS = 0
+    check()
+    with django_assert_max_num_queries(20) as queries:
+        assert check().credits_remaining == Decimal("10000")
+    assert len(queries) > 0
 
 
 @time_machine.travel(NOW, tick=False)
