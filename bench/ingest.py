@@ -120,11 +120,18 @@ def git(*args: str) -> str | None:
         return None
 
 
+BENCH_REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/12"  # cache and broker of this run (flushed at start)
+
+
 def app_env(secret_key: str) -> dict[str, str]:
+    """Production mode: PostgreSQL, Redis as cache (cached credit positions) and Celery
+    broker, a celery worker beside gunicorn; no Stripe."""
     env = dict(os.environ)
-    for name in ("CELERY_BROKER_URL", "REDIS_URL", "STRIPE_SECRET_KEY", "STRIPE_API_BASE"):
-        env.pop(name, None)  # embedded mode for everything but the database
+    for name in ("STRIPE_SECRET_KEY", "STRIPE_API_BASE"):
+        env.pop(name, None)
     env.update({
+        "REDIS_URL": BENCH_REDIS_URL,
+        "CELERY_BROKER_URL": BENCH_REDIS_URL,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": DB_URL,
         "DB_CONN_MAX_AGE": "60",
@@ -552,8 +559,11 @@ def main() -> int:
     failures: list[str] = []
     notes: list[str] = []
 
-    log(f"recreating database {DB_NAME}")
+    log(f"recreating database {DB_NAME}, flushing Redis db 12")
     recreate_database()
+    import redis
+
+    redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
     log("migrating")
     run_checked([PYTHON, "manage.py", "migrate", "--noinput"], env, "migrate", timeout=180)
     log(f"creating feature, plan, {args.customers} customers and an API key")
@@ -561,6 +571,11 @@ def main() -> int:
                           "setup", timeout=120).strip().splitlines()[-1]
     setup_s = time.perf_counter() - t0
 
+    log("starting a celery worker (follow-up tasks: alerts, top-ups)")
+    worker = subprocess.Popen(
+        [str(VENV_BIN / "celery"), "-A", "config", "worker", "--pool", "prefork", "--concurrency", "1",
+         "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log(f"starting gunicorn with {args.workers} workers")
     server = Server(env, args.workers)
     phases: dict[str, Phase] = {}
@@ -623,8 +638,13 @@ def main() -> int:
 
         asyncio.run(measure())
     finally:
-        log("stopping gunicorn")
+        log("stopping gunicorn and the celery worker")
         server.stop()
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
         if server.proc.returncode not in (0, -signal.SIGTERM):
             failures.append(f"gunicorn exited with status {server.proc.returncode}")
         gunicorn_log = server.tail(20000)
