@@ -203,6 +203,19 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def rss_mb(pids: list[int]) -> dict[int, float]:
+    """Resident set size of each process, in MB (VmRSS from /proc)."""
+    out = {}
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[pid] = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            continue
+    return out
+
+
 def cpu_snapshot(server: "Server") -> dict[str, dict[int, int]]:
     """CPU ticks of the gunicorn workers and of the PostgreSQL backends serving
     overage_bench (read from /proc; empty when PostgreSQL runs elsewhere)."""
@@ -537,6 +550,8 @@ def main() -> int:
                              "status and latency (informational; 0 to skip)")
     parser.add_argument("--single-clients", type=int, default=8)
     parser.add_argument("--single-seconds", type=float, default=10)
+    parser.add_argument("--soak-seconds", type=float, default=0,
+                        help="sustained batch load this long, sampling the workers' RSS (make bench: 300)")
     parser.add_argument("--check-clients", type=int, default=8)
     parser.add_argument("--check-seconds", type=float, default=10)
     parser.add_argument("--max-requests", type=int, default=100_000, help="cap per single/check phase")
@@ -580,6 +595,7 @@ def main() -> int:
     server = Server(env, args.workers)
     phases: dict[str, Phase] = {}
     probe: dict = {}
+    soak: dict = {"samples": []}
     gunicorn_log = ""
     try:
         server.wait_ready(api_key)
@@ -621,6 +637,25 @@ def main() -> int:
                 make_body=lambda w, s: {"customer": customer_id((s * 31 + w) % args.customers),
                                         "feature": FEATURE, "quantity": "1"},
                 check=check_entitlement)
+            if args.soak_seconds:
+                log(f"memory soak: batch ingestion for {args.soak_seconds:.0f} s, RSS sampled every 10 s")
+
+                async def sample_rss() -> None:
+                    while True:
+                        soak["samples"].append((round(time.monotonic() - soak_t0, 1),
+                                                rss_mb(_children(server.proc.pid))))
+                        await asyncio.sleep(10)
+
+                soak_t0 = time.monotonic()
+                sampler = asyncio.create_task(sample_rss())
+                phases["soak"] = await phase(
+                    "soak", path="/api/v1/events/batch", concurrency=args.batch_clients, seconds=args.soak_seconds,
+                    max_requests=10**6, timeout=120,
+                    make_body=lambda w, s: {"events": [event(run, "k", w, s, i, args.customers)
+                                                       for i in range(args.batch_size)]},
+                    check=check_batch(args.batch_size))
+                sampler.cancel()
+                soak["samples"].append((round(time.monotonic() - soak_t0, 1), rss_mb(_children(server.proc.pid))))
             # Last, because a request killed by gunicorn's worker timeout restarts a worker.
             if args.full_batch_probe:
                 size = args.full_batch_probe
@@ -672,6 +707,8 @@ def main() -> int:
 
     stored = count_rows("SELECT count(*) FROM billing_usageevent")
     accounted = batch.items + single.items + (probe.get("events", 0) if probe.get("ok") else 0)
+    if "soak" in phases:
+        accounted += phases["soak"].items
     if not accounted <= stored <= accounted + 40 + (0 if probe.get("ok") else probe.get("events", 0)):
         failures.append(f"database holds {stored} usage events, the API confirmed {accounted} "
                         f"(+ up to 40 warm-up events)")
@@ -718,6 +755,25 @@ def main() -> int:
         ("entitlement check: requests/s", check_rps, "req/s", ""),
         ("entitlement check: p50", chk["latency_p50_ms"], "ms", ""),
         ("entitlement check: p99", chk["latency_p99_ms"], "ms", ""),
+    ]
+    memory = None
+    if soak["samples"]:
+        first, last = soak["samples"][0][1], soak["samples"][-1][1]
+        peak = max(sum(sample.values()) for _, sample in soak["samples"])
+        memory = {"seconds": args.soak_seconds, "events": phases["soak"].items,
+                  "events_per_s": round(phases["soak"].items / phases["soak"].elapsed, 1),
+                  "workers_rss_start_mb": round(sum(first.values()), 1),
+                  "workers_rss_end_mb": round(sum(last.values()), 1), "workers_rss_peak_mb": round(peak, 1),
+                  "samples": soak["samples"]}
+        if phases["soak"].failures:
+            failures.append(f"soak: {phases['soak'].failures} failed requests")
+        rows += [
+            (f"memory: workers' RSS at start of {args.soak_seconds:.0f} s soak", memory["workers_rss_start_mb"], "MB",
+             f"{len(first)} gunicorn workers"),
+            ("memory: workers' RSS at end of soak", memory["workers_rss_end_mb"], "MB",
+             f"peak {memory['workers_rss_peak_mb']} MB; {memory['events_per_s']:,.0f} events/s"),
+        ]
+    rows += [
         (f"raw: PostgreSQL COPY ({copy['rows']} rows)", copy["rows_per_s"], "rows/s", "the batch limit"),
         ("raw: PostgreSQL 1-row INSERT+COMMIT", commit["tx_per_s"], "tx/s", "the single-event limit"),
         ("raw: Redis GET p50", redis_result["latency_p50_ms"], "ms", ""),
@@ -777,6 +833,7 @@ def main() -> int:
             "redis_get_p99_ms": redis_result["latency_p99_ms"],
             "batch_to_copy_ratio": round(batch_eps / copy["rows_per_s"], 5) if batch_eps else None,
             "single_to_commit_ratio": round(single_rps / commit["tx_per_s"], 5) if single_rps else None,
+            "memory_soak": memory,
         },
         "phases": {"batch": b, "single": sgl, "check": chk},
         "raw": {"copy": copy, "single_row_commit": commit, "redis_get": redis_result},
