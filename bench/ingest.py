@@ -393,6 +393,55 @@ async def closed_loop(name: str, *, base: str, api_key: str, path: str, concurre
     return phase
 
 
+async def open_loop(name: str, *, base: str, api_key: str, path: str, rate: float, seconds: float, timeout: float,
+                    make_body, check) -> Phase:
+    """Requests sent at a fixed `rate` for `seconds`, whether or not earlier ones have
+    been answered (how production traffic arrives). Latency runs from each request's
+    scheduled send time, so time spent queueing behind a slow server is counted too."""
+    import aiohttp
+
+    phase = Phase(name)
+    url = base + path
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    total = int(rate * seconds)
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+
+        async def one(seq: int, scheduled: float) -> None:
+            body = json.dumps(make_body(0, seq)).encode()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                phase.fail(f"{type(error).__name__}: {error}")
+                return
+            latency = time.perf_counter() - scheduled
+            phase.statuses[status] = phase.statuses.get(status, 0) + 1
+            items, rejected, error = check(status, json.loads(raw) if raw[:1] == b"{" else None)
+            if error is not None:
+                phase.failed_latencies.append(latency)
+                phase.fail(f"HTTP {status}: {error} {raw[:300]!r}")
+                return
+            phase.ok += 1
+            phase.items += items
+            phase.latencies.append(latency)
+
+        tasks = []
+        for seq in range(total):
+            scheduled = start + seq / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(seq, scheduled)))
+        await asyncio.gather(*tasks)
+        phase.elapsed = time.perf_counter() - start
+        phase.client_cpu = time.process_time() - cpu_start
+    return phase
+
+
 def event(run: str, kind: str, worker: int, seq: int, index: int, customers: int) -> dict:
     return {
         "id": f"{run}-{kind}-{worker}-{seq}-{index}",
@@ -534,6 +583,13 @@ def ratio(numerator, denominator, limit: str) -> str:
     return f"{share:.2%} of {limit} (1/{denominator / numerator:,.0f})"
 
 
+def ratio_text(latency, raw, what: str) -> str:
+    """A latency as a multiple of the raw round trip it is compared with."""
+    if not latency or not raw:
+        return ""
+    return f"{latency / raw:,.0f}x the {what}"
+
+
 # --- Main ---------------------------------------------------------------------------------
 
 def main() -> int:
@@ -553,6 +609,8 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=float, default=0,
                         help="sustained batch load this long, sampling the workers' RSS (make bench: 300)")
     parser.add_argument("--check-clients", type=int, default=8)
+    parser.add_argument("--check-rate", type=float, default=1000, help="open-loop check phase: requests/s (0: skip)")
+    parser.add_argument("--check-rate-seconds", type=float, default=10)
     parser.add_argument("--check-seconds", type=float, default=10)
     parser.add_argument("--max-requests", type=int, default=100_000, help="cap per single/check phase")
     parser.add_argument("--redis-calls", type=int, default=5000)
@@ -637,6 +695,17 @@ def main() -> int:
                 make_body=lambda w, s: {"customer": customer_id((s * 31 + w) % args.customers),
                                         "feature": FEATURE, "quantity": "1"},
                 check=check_entitlement)
+            if args.check_rate:
+                log(f"entitlement check, open loop: {args.check_rate:.0f} requests/s for {args.check_rate_seconds:.0f} s")
+                before = cpu_snapshot(server)
+                result = await open_loop(
+                    "check_rate", base=server.base, api_key=api_key, path="/api/v1/entitlements/check",
+                    rate=args.check_rate, seconds=args.check_rate_seconds, timeout=30,
+                    make_body=lambda w, s: {"customer": customer_id((s * 31) % args.customers),
+                                            "feature": FEATURE, "quantity": "1"},
+                    check=check_entitlement)
+                result.server_cpu = cpu_used(before, cpu_snapshot(server), result.elapsed)
+                phases["check_rate"] = result
             if args.soak_seconds:
                 log(f"memory soak: batch ingestion for {args.soak_seconds:.0f} s, RSS sampled every 10 s")
 
@@ -756,6 +825,23 @@ def main() -> int:
         ("entitlement check: p50", chk["latency_p50_ms"], "ms", ""),
         ("entitlement check: p99", chk["latency_p99_ms"], "ms", ""),
     ]
+    rate_summary = None
+    if "check_rate" in phases:
+        rate_summary = phases["check_rate"].summary()
+        if phases["check_rate"].failures:
+            failures.append(f"check_rate: {phases['check_rate'].failures} failed requests, e.g. "
+                            f"{phases['check_rate'].failure_samples[:2]}")
+        offered = f"offered {args.check_rate:.0f}/s"
+        rows += [
+            (f"entitlement check at {args.check_rate:.0f}/s (open loop): answered", rate_summary["requests_per_s"],
+             "req/s", offered),
+            ("entitlement check at that rate: p50", rate_summary["latency_p50_ms"], "ms",
+             ratio_text(rate_summary["latency_p50_ms"], redis_result["latency_p50_ms"], "Redis GET p50")),
+            ("entitlement check at that rate: p99", rate_summary["latency_p99_ms"], "ms",
+             ratio_text(rate_summary["latency_p99_ms"], redis_result["latency_p99_ms"], "Redis GET p99")),
+        ]
+    rows += [
+    ]
     memory = None
     if soak["samples"]:
         first, last = soak["samples"][0][1], soak["samples"][-1][1]
@@ -834,6 +920,7 @@ def main() -> int:
             "batch_to_copy_ratio": round(batch_eps / copy["rows_per_s"], 5) if batch_eps else None,
             "single_to_commit_ratio": round(single_rps / commit["tx_per_s"], 5) if single_rps else None,
             "memory_soak": memory,
+            "check_open_loop": rate_summary,
         },
         "phases": {"batch": b, "single": sgl, "check": chk},
         "raw": {"copy": copy, "single_row_commit": commit, "redis_get": redis_result},
