@@ -1,5 +1,6 @@
-"""The beat-scheduled close, run by a real Celery worker over real Redis against the
-test database: what production does every few minutes."""
+"""The beat-scheduled close, run by real Celery worker processes over real Redis against
+the test database: what production does every few minutes, the due periods fanned out
+in chunks to both processes."""
 
 import os
 import subprocess
@@ -36,23 +37,26 @@ def redis_up() -> bool:
 
 @pytest.mark.skipif(not redis_up(), reason="needs Redis on 127.0.0.1:6379")
 def test_a_celery_worker_on_redis_runs_the_scheduled_close():
-    # A period that ended well over the grace window ago, in real time (the worker's clock).
+    # Periods that ended well over the grace window ago, in real time (the worker's clock).
     now = timezone.now()
     started = (now - timedelta(days=40)).replace(microsecond=0)
     FeatureFactory(code="api")
-    customer = make_customer(pro_plan(), started_at=started, now=started)
-    record_event(event=EventInput(event_id="e1", customer=customer.external_id, feature="api",
+    customers = [make_customer(pro_plan(), started_at=started, now=started) for _ in range(3)]
+    record_event(event=EventInput(event_id="e1", customer=customers[0].external_id, feature="api",
                                   quantity=Decimal("12000"), timestamp=started + timedelta(days=1)),
                  now=started + timedelta(days=1))
-    first = BillingPeriod.objects.get(customer=customer, start=started)
+    periods = BillingPeriod.objects.filter(start=started)
 
+    # A queue of its own (the chunks the beat task fans out follow it there), one period
+    # per chunk, two worker processes.
     queue = f"overage-test-{uuid.uuid4().hex[:8]}"
     database = connection.settings_dict
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "CELERY_BROKER_URL": REDIS_URL,
+           "OVERAGE_CLOSE_CHUNK_PERIODS": "1",
            "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "-Q", queue, "--loglevel",
-         "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "prefork", "--concurrency", "2",
+         "-Q", queue, "--loglevel", "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -61,13 +65,14 @@ def test_a_celery_worker_on_redis_runs_the_scheduled_close():
         with Celery("probe", broker=REDIS_URL, set_as_current=False) as probe:
             probe.send_task(task_name, queue=queue)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and BillingPeriod.objects.get(pk=first.pk).status != "closed":
-            time.sleep(0.5)  # waiting on another process, not simulating time
+        while time.monotonic() < deadline and periods.filter(status="open").exists():
+            time.sleep(0.5)  # waiting on other processes, not simulating time
     finally:
         worker.terminate()
         output = worker.communicate(timeout=30)[0]
 
-    assert BillingPeriod.objects.get(pk=first.pk).status == "closed", output
-    invoice = Invoice.objects.get(period=first, kind="period_close")
+    assert not periods.filter(status="open").exists(), output
+    assert Invoice.objects.filter(kind="period_close").count() == 3
+    invoice = Invoice.objects.get(period__customer=customers[0], kind="period_close")
     assert [(line.kind, line.amount) for line in invoice.lines.order_by("id")] == [
         ("overage", Decimal("4.00")), ("base_fee", Decimal("49.00"))]
