@@ -132,6 +132,7 @@ def app_env(secret_key: str) -> dict[str, str]:
     env.update({
         "REDIS_URL": BENCH_REDIS_URL,
         "CELERY_BROKER_URL": BENCH_REDIS_URL,
+        "OVERAGE_GROUP_COMMIT": "1",
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": DB_URL,
         "DB_CONN_MAX_AGE": "60",
@@ -250,13 +251,13 @@ def cpu_used(before: dict, after: dict, seconds: float) -> dict[str, float | Non
 # --- gunicorn ---------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, env: dict[str, str], workers: int):
+    def __init__(self, env: dict[str, str], workers: int, threads: int):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="overage-bench-gunicorn-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "config.wsgi", "--workers", str(workers),
-             "--bind", f"127.0.0.1:{self.port}"],
+             "--worker-class", "gthread", "--threads", str(threads), "--bind", f"127.0.0.1:{self.port}"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -596,6 +597,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--customers", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker (gthread)")
     parser.add_argument("--batch-size", type=int, default=1000,
                         help="events per batch request (the API's maximum, 1 000, by default)")
     parser.add_argument("--batch-clients", type=int, default=2)
@@ -604,7 +606,7 @@ def main() -> int:
     parser.add_argument("--full-batch-probe", type=int, default=1000, metavar="EVENTS",
                         help="after the batch phase, send ONE batch of this many events and report its "
                              "status and latency (informational; 0 to skip)")
-    parser.add_argument("--single-clients", type=int, default=8)
+    parser.add_argument("--single-clients", type=int, default=32)
     parser.add_argument("--single-seconds", type=float, default=10)
     parser.add_argument("--soak-seconds", type=float, default=0,
                         help="sustained batch load this long, sampling the workers' RSS (make bench: 300)")
@@ -650,7 +652,7 @@ def main() -> int:
          "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log(f"starting gunicorn with {args.workers} workers")
-    server = Server(env, args.workers)
+    server = Server(env, args.workers, args.threads)
     phases: dict[str, Phase] = {}
     probe: dict = {}
     soak: dict = {"samples": []}
@@ -869,7 +871,7 @@ def main() -> int:
     commit_id = git("rev-parse", "--short", "HEAD")
     print()
     print(f"Overage ingestion benchmark - commit {commit_id}, {os.cpu_count()} cores, "
-          f"gunicorn {args.workers} sync workers, {args.customers} customers, "
+          f"gunicorn {args.workers} gthread workers x {args.threads} threads, {args.customers} customers, "
           f"load average at start {load_at_start[0]:.2f}")
     print_table(rows)
     print()
@@ -894,7 +896,8 @@ def main() -> int:
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start],
                     "platform": platform.platform(), "python": platform.python_version()},
         "config": {
-            "customers": args.customers, "gunicorn_workers": args.workers, "gunicorn_worker_class": "sync",
+            "customers": args.customers, "gunicorn_workers": args.workers, "gunicorn_worker_class": "gthread", "gunicorn_threads": args.threads,
+            "group_commit": True,
             "gunicorn_timeout_s": 30, "batch_size": args.batch_size, "batch_clients": args.batch_clients,
             "batch_seconds": args.batch_seconds, "full_batch_probe_events": args.full_batch_probe,
             "single_clients": args.single_clients, "single_seconds": args.single_seconds,

@@ -181,6 +181,10 @@ OVERAGE_POSITION_CACHE_SECONDS = env_int("OVERAGE_POSITION_CACHE_SECONDS", 30 if
 OVERAGE_API_KEY_CACHE_SECONDS = env_int("OVERAGE_API_KEY_CACHE_SECONDS", 5)
 OVERAGE_RESERVATION_MAX_TTL_SECONDS = env_int("OVERAGE_RESERVATION_MAX_TTL_SECONDS", 86400)
 OVERAGE_MAX_BATCH_EVENTS = 1000
+# Group commit of single events (billing/services/group_commit.py): concurrent requests of
+# a process share one transaction. For threaded web workers (gunicorn --threads).
+OVERAGE_GROUP_COMMIT = env_bool("OVERAGE_GROUP_COMMIT", False)
+OVERAGE_GROUP_COMMIT_MAX_EVENTS = env_int("OVERAGE_GROUP_COMMIT_MAX_EVENTS", 200)
 OVERAGE_INVOICE_PREFIX = env_str("OVERAGE_INVOICE_PREFIX", "OVG")
 OVERAGE_INVOICE_DUE_DAYS = env_int("OVERAGE_INVOICE_DUE_DAYS", 14)
 # The beat close fans due periods out to the workers in tasks of this many periods: small

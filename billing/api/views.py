@@ -17,7 +17,8 @@ from billing.services.invoicing import upcoming_invoice
 from billing.services.ledger import grant_credits_once
 from billing.services.plan_changes import subscription_change_plan
 from billing.services.purchases import auto_topup_configure, purchase_pack
-from billing.services.metering import EventInput, record_event, record_events
+from billing.services.group_commit import record_single_event
+from billing.services.metering import EventInput, record_events
 from plans import services as plan_services
 from plans.models import CreditPack, Feature, Plan
 
@@ -154,7 +155,10 @@ class EventCreate(ScopedView):
                    description="Record usage. 201 the first time; 200 with the same body for a retry of the same "
                                "`id`; 409 if the `id` was used with a different body.")
     def post(self, request):
-        usage, created = record_event(event=_event_input(_EVENT_IN.run_validation(request.data)), now=timezone.now())
+        outcome = record_single_event(_event_input(_EVENT_IN.run_validation(request.data)))
+        if outcome.error is not None:
+            raise outcome.error
+        usage, created = outcome.event, outcome.created
         return Response(s.event_result(usage), status=201 if created else 200)
 
 
