@@ -272,15 +272,19 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
         expire_grant(grant=grant, customer=customer, at=grant.expires_at)
 
 
-def _close_period(period_id: int, now: datetime, skip_grace: bool) -> tuple[Invoice, BillingPeriod | None]:
+def _close_period(period_id: int, now: datetime, skip_grace: bool,
+                  owner: tuple[int, int] | None = None) -> tuple[Invoice, BillingPeriod | None]:
     """`close_period` inside the caller's transaction. Also returns the next period of
     the subscription when this call closed the period (None if it was closed already,
-    or if the subscription ended)."""
+    or if the subscription ended). `owner`: the period's (customer id, subscription id)
+    if the caller read them already (they never change)."""
     assert transaction.get_connection().in_atomic_block, "closing a period needs the caller's transaction"
-    ids = BillingPeriod.objects.filter(pk=period_id).order_by().values_list("customer_id", "subscription_id").first()
-    if ids is None:
-        raise NotFound("No such billing period.", code="period_not_found")
-    customer_id, subscription_id = ids
+    if owner is None:
+        owner = BillingPeriod.objects.filter(pk=period_id).order_by().values_list(
+            "customer_id", "subscription_id").first()
+        if owner is None:
+            raise NotFound("No such billing period.", code="period_not_found")
+    customer_id, subscription_id = owner
     customer = lock_customer(customer_id)
     # Under the lock: this period and the subscription's open ones — an earlier one
     # still open forbids the close, a later one is the next period, already opened.
@@ -331,7 +335,8 @@ def close_period(*, period_id: int, now: datetime, skip_grace: bool = False) -> 
     return _close_period(period_id, now, skip_grace)[0]
 
 
-def close_period_and_successors(*, period_id: int, now: datetime) -> list[Invoice]:
+def close_period_and_successors(*, period_id: int, now: datetime,
+                                owner: tuple[int, int] | None = None) -> list[Invoice]:
     """Close a due period, then each following period of its subscription that is due as
     well (a close opens the next period, which a late run may find ended too), oldest
     first, each in its own transaction. The first failure is logged and ends the run for
@@ -342,7 +347,7 @@ def close_period_and_successors(*, period_id: int, now: datetime) -> list[Invoic
     while period_id is not None:
         try:
             with transaction.atomic():
-                invoice, next_period = _close_period(period_id, now, False)
+                invoice, next_period = _close_period(period_id, now, False, owner)
         except Exception:
             log.exception("closing billing period %s failed; it stays open and is retried next run", period_id)
             break
@@ -375,12 +380,15 @@ def close_periods(*, period_ids: list[int], now: datetime) -> list[Invoice]:
     """Close the given periods (and their due successors), each in its own transaction;
     what one chunk of a fanned-out close run does. Periods closed meanwhile (a chunk
     delivered twice, an overlapping run) are skipped with one query for the chunk."""
-    still_open = set(BillingPeriod.objects.filter(pk__in=period_ids, status=BillingPeriod.Status.OPEN)
-                     .values_list("pk", flat=True))
+    still_open = {
+        pk: (customer_id, subscription_id) for pk, customer_id, subscription_id in
+        BillingPeriod.objects.filter(pk__in=period_ids, status=BillingPeriod.Status.OPEN).order_by()
+        .values_list("pk", "customer_id", "subscription_id")
+    }
     invoices = []
     for period_id in period_ids:
         if period_id in still_open:
-            invoices += close_period_and_successors(period_id=period_id, now=now)
+            invoices += close_period_and_successors(period_id=period_id, now=now, owner=still_open[period_id])
     return invoices
 
 
@@ -389,9 +397,10 @@ def close_due_periods(*, now: datetime, customer: Customer | None = None) -> lis
     oldest first, each in its own transaction, a subscription's periods in order. One
     failing period is logged and retried on the next run; it does not stop the others.
     (Beat fans the same work out to the workers: `tasks.close_due_periods_task`.)"""
+    period_ids, size = due_period_ids(now=now, customer=customer), settings.OVERAGE_CLOSE_CHUNK_PERIODS
     invoices = []
-    for period_id in due_period_ids(now=now, customer=customer):
-        invoices += close_period_and_successors(period_id=period_id, now=now)
+    for start in range(0, len(period_ids), size):  # the chunks beat's workers would get
+        invoices += close_periods(period_ids=period_ids[start:start + size], now=now)
     return invoices
 
 
