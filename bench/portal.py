@@ -27,16 +27,17 @@ What it does:
          and update the rollups and period totals the bulk wrote).
      Then VACUUM ANALYZE (what autovacuum does after a load) and `manage.py ledger_check`
      (every cached balance, period total and rollup against its ledger entries and
-     events). About 1-2 minutes for 100 000 events; about 20 minutes for 10 000 000 on
-     2 cores, most of it building indexes and ledger_check.
+     events). About 2 minutes for 100 000 events; about 6 minutes for 10 000 000 on
+     2 cores (the insert, the index builds and ledger_check).
   2. freezes the clock at 2026-06-20 12:00 UTC (time-machine), logs in as the customer's
      portal user and requests every portal page and htmx partial --repeat times through
-     Django's test client in this process, DEBUG off: the time measured is the server's
-     (middleware, view, queries, template, a new database connection per request as
-     with DB_CONN_MAX_AGE=0), not the network's. Every page is first checked for its
-     figures, computed independently by one aggregate over the raw events (not timed):
-     credits used, credits by feature, the event count, the newest event, and the
-     event list walked three pages older and back against an OFFSET query;
+     Django's test client in this process, round robin over the pages, DEBUG off: the
+     time measured is the server's (middleware, view, queries, template, a new database
+     connection per request as with DB_CONN_MAX_AGE=0), not the network's. Every page is
+     first checked for its figures, computed independently by aggregates over the raw
+     events and ledger entries (not timed): credits used, overage, credits by feature,
+     the event count, the newest event, and the event list walked three pages older and
+     back against an OFFSET query;
   3. prints a table (p50 / p95 / max ms and the number of SQL queries per page) and the
      cores busy on the (shared) machine meanwhile, and writes the run into
      bench/results/portal.json (which keeps the latest run at each scale). The target is
@@ -505,7 +506,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[max(0, int(round(len(sorted_values) * fraction)) - 1)]
 
 
-def measure(repeat: int, csv_rows: int) -> tuple[list[dict], dict, list[str]]:
+def measure(repeat: int, csv_rows: int) -> tuple[list[dict], dict, dict, list[str]]:
     from django.db import connection
     from django.test import Client
 
@@ -513,8 +514,8 @@ def measure(repeat: int, csv_rows: int) -> tuple[list[dict], dict, list[str]]:
     assert client.login(username=EMAIL, password=PASSWORD)
     log("computing the expected figures from the raw events (one aggregate, not timed)")
     figures = expected_figures()
-    rows, failures = [], check_paging(client, figures)
-    cpu_before = cpu_sample()
+    failures = check_paging(client, figures)
+    timed = []  # (page, timings)
     for name, url, headers, expect in pages(figures):
         response = client.get(url, headers=headers)  # warm-up (template compile, connection)
         body = response.content.decode()
@@ -525,16 +526,23 @@ def measure(repeat: int, csv_rows: int) -> tuple[list[dict], dict, list[str]]:
         queries = []  # counted by a wrapper: the request cycle resets connection.queries
         with connection.execute_wrapper(lambda execute, sql, *args: queries.append(sql) or execute(sql, *args)):
             client.get(url, headers=headers)
-        timings = []
-        for _ in range(repeat):
+        timed.append(({"page": name, "url": url, "headers": headers, "queries": len(queries), "bytes": len(body)},
+                      []))
+    # Round robin over the pages rather than one page's requests in a row, so a burst of
+    # someone else's work on the shared machine lands on every page alike, not on one.
+    cpu_before = cpu_sample()
+    for _ in range(repeat):
+        for page, timings in timed:
             started = time.perf_counter()
-            client.get(url, headers=headers)
+            client.get(page["url"], headers=page["headers"])
             timings.append((time.perf_counter() - started) * 1000)
+    rows = []
+    for page, timings in timed:
         timings.sort()
-        rows.append({"page": name, "url": url, "held_to_target": url.startswith(("/portal/?", "/portal/usage/"))
-                     or url == "/portal/", "p50_ms": round(statistics.median(timings), 1),
-                     "p95_ms": round(percentile(timings, 0.95), 1),
-                     "max_ms": round(timings[-1], 1), "queries": len(queries), "bytes": len(body)})
+        rows.append({"page": page["page"], "url": page["url"], "htmx": bool(page["headers"]),
+                     "held_to_target": page["url"] == "/portal/" or page["url"].startswith("/portal/usage/"),
+                     "p50_ms": round(statistics.median(timings), 1), "p95_ms": round(percentile(timings, 0.95), 1),
+                     "max_ms": round(timings[-1], 1), "queries": page["queries"], "bytes": page["bytes"]})
     cpu = cpu_report(cpu_before, cpu_sample())
     return rows, cpu, time_csv(client, figures, csv_rows, failures), failures
 
@@ -575,7 +583,7 @@ def main() -> int:
                         help="events in the current period (also picks the database: one per scale)")
     parser.add_argument("--service-events", type=int, default=20_000,
                         help="how many of them go through the batch service (the rest in bulk)")
-    parser.add_argument("--repeat", type=int, default=30, help="timed requests per page")
+    parser.add_argument("--repeat", type=int, default=50, help="timed requests per page")
     parser.add_argument("--csv-rows", type=int, default=200_000, help="rows of the whole-period CSV to read")
     parser.add_argument("--keep-db", action="store_true", help="reuse the database a previous run built")
     parser.add_argument("--build-only", action="store_true", help="build the database, time nothing")
