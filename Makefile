@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test install migrate seed bench bench-portal clean
+.PHONY: run test install migrate seed bench bench-ingest bench-portal bench-freshness bench-close clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +32,25 @@ run: seed
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## Benchmarks: print a table and write bench/results/*.json
+## Benchmarks: print a table and write bench/results/*.json (issue 6's figures; ~40 min, ~7 GB of PostgreSQL)
 bench: install
+	bash .ci/services-up
+	$(BIN)/python bench/ingest.py --soak-seconds 300
+	$(BIN)/python bench/portal.py --events 10000000
+	$(BIN)/python bench/freshness.py
+	$(BIN)/python bench/close.py
+
+bench-ingest: install
 	$(BIN)/python bench/ingest.py
-	$(BIN)/python bench/portal.py
 
 bench-portal: install
 	$(BIN)/python bench/portal.py
+
+bench-freshness: install
+	$(BIN)/python bench/freshness.py
+
+bench-close: install
+	$(BIN)/python bench/close.py
 
 clean:
 	rm -rf $(VENV) db.sqlite3 .pytest_cache

@@ -193,7 +193,9 @@ class UsageEvent(models.Model):
         ACCEPTED = "accepted", "Accepted"
         REJECTED = "rejected", "Rejected"
 
-    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="events")
+    # No single-column indexes on customer and period: the unique (customer, event_id) and
+    # the (period, …) indexes below lead with them, and every index costs ingestion a write.
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="events", db_index=False)
     event_id = models.CharField(max_length=255)
     feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="events")
     quantity = CreditField()
@@ -204,7 +206,7 @@ class UsageEvent(models.Model):
     properties = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices)
     reject_reason = models.CharField(max_length=32, blank=True)
-    period = models.ForeignKey(BillingPeriod, on_delete=models.PROTECT, related_name="events")
+    period = models.ForeignKey(BillingPeriod, on_delete=models.PROTECT, related_name="events", db_index=False)
     reservation = models.ForeignKey("Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     # SHA-256 of the request as sent, to tell a retry (same body) from a conflict.
     fingerprint = models.CharField(max_length=64)
