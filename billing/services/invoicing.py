@@ -3,9 +3,15 @@
 The period close is one transaction per (subscription, period) under the customer's
 lock: open the next period, roll over or expire the closed period's included credits,
 write the invoice (overage for the closed period, base fee in advance for the next),
-mark the period closed. A crash anywhere rolls all of it back, and a second run — or a
-second worker — finds the period closed and returns the same invoice. The upcoming
+mark the period closed, and take the invoice's number last (the number sequence is the
+one row every close locks). A crash anywhere rolls all of it back, and a second run — or
+a second worker — finds the period closed and returns the same invoice. The upcoming
 invoice is built by the same `build_close_invoice`, without saving it.
+
+A close run starts from the oldest due period of each subscription (`due_period_ids`)
+and closes the later ones after it, in order. Beat fans those periods out to the
+workers in chunks (`tasks.close_due_periods_task`); `close_due_periods` runs the same
+chunks in one process (`manage.py close_periods`).
 """
 
 import logging
