@@ -320,6 +320,23 @@ class Phase:
         if len(self.failure_samples) < 5:
             self.failure_samples.append(message[:500])
 
+    def answer(self, status: int, raw: bytes, latency: float, check) -> None:
+        """Count one answered request; `check(status, body) -> (items, rejected, error_or_None)`."""
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        items, rejected, error = check(status, payload)
+        if error is not None:
+            self.failed_latencies.append(latency)
+            self.fail(f"HTTP {status}: {error} {raw[:300]!r}")
+            return
+        self.ok += 1
+        self.items += items
+        self.rejected += rejected
+        self.latencies.append(latency)
+
     def summary(self) -> dict:
         return {
             "requests_ok": self.ok, "requests_failed": self.failures, "http_statuses": self.statuses,
@@ -373,20 +390,7 @@ async def closed_loop(name: str, *, base: str, api_key: str, path: str, concurre
                 except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                     phase.fail(f"{type(error).__name__}: {error}")
                     continue
-                try:
-                    payload = json.loads(raw)
-                except ValueError:
-                    payload = None
-                phase.statuses[status] = phase.statuses.get(status, 0) + 1
-                items, rejected, error = check(status, payload)
-                if error is not None:
-                    phase.failed_latencies.append(latency)
-                    phase.fail(f"HTTP {status}: {error} {raw[:300]!r}")
-                    continue
-                phase.ok += 1
-                phase.items += items
-                phase.rejected += rejected
-                phase.latencies.append(latency)
+                phase.answer(status, raw, latency, check)
 
         await asyncio.gather(*(client(worker) for worker in range(concurrency)))
         phase.elapsed = time.perf_counter() - start
@@ -419,16 +423,7 @@ async def open_loop(name: str, *, base: str, api_key: str, path: str, rate: floa
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 phase.fail(f"{type(error).__name__}: {error}")
                 return
-            latency = time.perf_counter() - scheduled
-            phase.statuses[status] = phase.statuses.get(status, 0) + 1
-            items, rejected, error = check(status, json.loads(raw) if raw[:1] == b"{" else None)
-            if error is not None:
-                phase.failed_latencies.append(latency)
-                phase.fail(f"HTTP {status}: {error} {raw[:300]!r}")
-                return
-            phase.ok += 1
-            phase.items += items
-            phase.latencies.append(latency)
+            phase.answer(status, raw, time.perf_counter() - scheduled, check)
 
         tasks = []
         for seq in range(total):
