@@ -345,10 +345,9 @@ class CustomerLedger:
         assert transaction.get_connection().in_atomic_block, "flush needs the customers' transaction"
         UsageEvent.objects.bulk_create([e for ledger in ledgers for e in ledger._events])
         LedgerEntry.objects.bulk_create([e for ledger in ledgers for e in ledger._entries])
-        CreditGrant.objects.bulk_update([g for ledger in ledgers for g in ledger._dirty_grants.values()],
-                                        ["remaining"])
-        BillingPeriod.objects.bulk_update([p for ledger in ledgers for p in ledger._periods.values()],
-                                          ["credits_used", "overage_credits"])
+        bulk_set(CreditGrant, [g for ledger in ledgers for g in ledger._dirty_grants.values()], ["remaining"])
+        bulk_set(BillingPeriod, [p for ledger in ledgers for p in ledger._periods.values()],
+                 ["credits_used", "overage_credits"])
         settled = [pk for ledger in ledgers for pk in ledger._settled]
         if settled:
             Reservation.objects.filter(pk__in=settled, status=Reservation.Status.ACTIVE).update(
@@ -382,7 +381,30 @@ class CustomerLedger:
                 rollup.overage_events += overage_events
                 changed.append(rollup)
         UsageRollup.objects.bulk_create(new)
-        UsageRollup.objects.bulk_update(changed, ["events", "quantity", "credits", "overage_credits", "overage_events"])
+        bulk_set(UsageRollup, changed, ["events", "quantity", "credits", "overage_credits", "overage_events"])
+
+
+def bulk_set(model, objects: list, fields: list[str]) -> None:
+    """Write `fields` of each object (by primary key) in one statement. On PostgreSQL an
+    `UPDATE … FROM (VALUES …)`: Django's `bulk_update` builds a CASE per field and row,
+    which cost more Python than the rest of a batch's flush; elsewhere `bulk_update`."""
+    if not objects:
+        return
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        model.objects.bulk_update(objects, fields)
+        return
+    meta, quote = model._meta, connection.ops.quote_name
+    columns = [meta.get_field(name).column for name in fields]
+    types = [meta.pk.db_type(connection)] + [meta.get_field(name).db_type(connection) for name in fields]
+    row = "(" + ", ".join(f"%s::{db_type}" for db_type in types) + ")"
+    assignments = ", ".join(f"{quote(column)} = v.{quote(column)}" for column in columns)
+    sql = (f"UPDATE {quote(meta.db_table)} AS t SET {assignments} "
+           f"FROM (VALUES {', '.join([row] * len(objects))}) AS v(pk, {', '.join(quote(c) for c in columns)}) "
+           f"WHERE t.{quote(meta.pk.column)} = v.pk")
+    params = [value for obj in objects for value in (obj.pk, *(getattr(obj, name) for name in fields))]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 # --- Expiry -----------------------------------------------------------------------------
