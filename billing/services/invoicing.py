@@ -79,18 +79,18 @@ def base_fee_line(plan: Plan, start: datetime, end: datetime) -> DraftLine | Non
                      amount=round_money(plan.base_price, plan.currency), service_start=start, service_end=end)
 
 
+def overage_billed(period: BillingPeriod) -> tuple[Decimal, Decimal]:
+    """(overage credits of `period` already on an invoice, money already on its overage
+    lines), in one query. Void invoices count: voiding waives a band and its money, it
+    does not re-bill them (progressive billing)."""
+    billed = InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
+        through=Max("overage_to"), invoiced=Sum("amount"))
+    return billed["through"] or ZERO, billed["invoiced"] or ZERO
+
+
 def overage_billed_through(period: BillingPeriod) -> Decimal:
-    """Overage credits of `period` already on an invoice (progressive billing). Bands of
-    void invoices count as billed: voiding waives them, it does not re-bill them."""
-    return InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
-        through=Max("overage_to"))["through"] or ZERO
-
-
-def overage_invoiced_amount(period: BillingPeriod) -> Decimal:
-    """Money already on overage lines of `period` (void ones included: waived money is
-    accounted for, not billed again)."""
-    return InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
-        total=Sum("amount"))["total"] or ZERO
+    """Overage credits of `period` already on an invoice."""
+    return overage_billed(period)[0]
 
 
 def overage_waived_amount(period: BillingPeriod) -> Decimal:
@@ -111,10 +111,7 @@ def overage_line(period: BillingPeriod, *, upto: Decimal | None = None) -> Draft
     end = period.overage_credits if upto is None else upto
     if end <= ZERO:
         return None  # nothing to bill, whatever was billed before: no query
-    # Both figures of `overage_billed_through` and `overage_invoiced_amount` in one query.
-    billed = InvoiceLine.objects.filter(period=period, kind=InvoiceLine.Kind.OVERAGE).aggregate(
-        through=Max("overage_to"), invoiced=Sum("amount"))
-    start, invoiced = billed["through"] or ZERO, billed["invoiced"] or ZERO
+    start, invoiced = overage_billed(period)
     if end <= start:
         return None
     tiers = list(plan.overage_tiers.all())  # once for both prices below
