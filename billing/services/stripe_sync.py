@@ -131,12 +131,17 @@ def card_save(*, customer_id: int, setup_intent_id: str) -> Customer:
     if not method.customer:
         method = stripe.PaymentMethod.attach(method_id, customer=intent.customer)
     stripe.Customer.modify(intent.customer, invoice_settings={"default_payment_method": method_id})
-    card = method.card
     customer.stripe_payment_method_id = method_id
-    customer.card_summary = f"{card.brand} •••• {card.last4}" if card else "card"
+    customer.card_summary = card_summary(method)
     customer.save(update_fields=["stripe_payment_method_id", "card_summary"])
     after_commit(subscription_push, customer_id=customer.pk)
     return customer
+
+
+def card_summary(method) -> str:
+    """How the portal names a saved card: "visa •••• 4242"."""
+    card = method.card
+    return f"{card.brand} •••• {card.last4}" if card else "card"
 
 
 # --- Paying for packs and top-ups -------------------------------------------------------------
@@ -354,11 +359,10 @@ def customer_resync(*, customer_id: int, now: datetime) -> list[Invoice]:
     customer = customer_push(customer_id=customer_id)
     remote = stripe.Customer.retrieve(customer.stripe_customer.id)
     StripeCustomer.sync_from_stripe_data(remote)
-    default = (remote.invoice_settings or {}).get("default_payment_method") if remote.invoice_settings else None
+    default = (remote.invoice_settings or {}).get("default_payment_method")
     if default and default != customer.stripe_payment_method_id:
-        card = stripe.PaymentMethod.retrieve(default).card
         Customer.objects.filter(pk=customer.pk).update(
-            stripe_payment_method_id=default, card_summary=f"{card.brand} •••• {card.last4}" if card else "card")
+            stripe_payment_method_id=default, card_summary=card_summary(stripe.PaymentMethod.retrieve(default)))
     invoices = list(Invoice.objects.filter(customer=customer).exclude(stripe_invoice_id="").order_by("issued_at"))
     for invoice in invoices:
         invoice_refresh(invoice=invoice, now=now)
