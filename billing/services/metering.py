@@ -141,7 +141,7 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
         for r in Reservation.objects.filter(customer_id__in=list(customers), pk__in=reservation_ids)
     } if reservation_ids else {}
     ledgers = CustomerLedger.load_many(customers, subscriptions, now=now, since=since)
-    per_unit = _feature_costs({p.plan_id for ps in periods.values() for p in ps}, features.values())
+    per_unit = feature_costs({p.plan_id for ps in periods.values() for p in ps}, features.values())
     recorded_by_customer: dict[int, list[UsageEvent]] = {}
     for pk in sorted(items_by_customer):
         recorded_by_customer[pk] = _decide_customer_events(
@@ -154,7 +154,7 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
     # in tasks; this only queues those the batch may have made due.
     percent_crossed = periods_crossing_a_percent(included_drawn)
     with_topup = set(AutoTopUp.objects.filter(customer_id__in=list(customers), enabled=True)
-                     .values_list("customer_id", flat=True))
+                     .values_list("customer_id", flat=True)) if any(recorded_by_customer.values()) else set()
     for pk, recorded in recorded_by_customer.items():
         enqueue_alert_checks(customer_id=pk, events=recorded, percent_crossed=percent_crossed)
         _enqueue_billing_follow_ups(pk, recorded, auto_topup=pk in with_topup)
@@ -169,7 +169,7 @@ def _periods_by_customer(customer_ids: list[int], since: datetime) -> dict[int, 
     return periods
 
 
-def _feature_costs(plan_ids: set[int], features) -> dict[tuple[int, int], Decimal]:
+def feature_costs(plan_ids: set[int], features) -> dict[tuple[int, int], Decimal]:
     """(plan, feature) → credits per unit: the plan's cost, else the feature's default."""
     costs = {(plan_id, feature.pk): feature.default_credits_per_unit for plan_id in plan_ids for feature in features}
     for plan_id, feature_id, credits in FeatureCost.objects.filter(

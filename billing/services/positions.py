@@ -76,19 +76,16 @@ def customer_position(*, customer_external_id: str, now: datetime) -> Position:
     generation_key = GENERATION_KEY.format(customer_external_id)
     try:
         cached = cache.get_many([key, generation_key, CATALOGUE_KEY])
+        # A missing token gets a new one, which no cached position carries.
+        generation = cached.get(generation_key) or _new_token(generation_key)
+        catalogue = cached.get(CATALOGUE_KEY) or _new_token(CATALOGUE_KEY)
     except Exception:  # noqa: BLE001 - the cache is an optimisation; the database is the truth
         logger.warning("position cache unreachable; checking from the database", exc_info=True)
         return _build(customer_external_id, now, generation="", catalogue="")
     position = cached.get(key)
-    if (position is not None and position.generation == cached.get(generation_key)
-            and position.catalogue == cached.get(CATALOGUE_KEY) and position.usable_at(now)):
+    if (position is not None and (position.generation, position.catalogue) == (generation, catalogue)
+            and position.usable_at(now)):
         return position
-    try:
-        generation = cached.get(generation_key) or _new_token(generation_key)
-        catalogue = cached.get(CATALOGUE_KEY) or _new_token(CATALOGUE_KEY)
-    except Exception:  # noqa: BLE001
-        logger.warning("position cache unreachable; checking from the database", exc_info=True)
-        return _build(customer_external_id, now, generation="", catalogue="")
     position = _build(customer_external_id, now, generation=generation, catalogue=catalogue)
     try:
         cache.set(key, position, timeout=settings.OVERAGE_POSITION_CACHE_SECONDS)
@@ -108,6 +105,7 @@ def _build(customer_external_id: str, now: datetime, *, generation: str, catalog
     from billing.services.caps import effective_overage_cap
     from billing.services.customers import current_period, live_subscription
     from billing.services.ledger import CustomerLedger
+    from billing.services.metering import feature_costs
 
     customer = Customer.objects.filter(external_id=customer_external_id).first()
     if customer is None:
@@ -118,11 +116,11 @@ def _build(customer_external_id: str, now: datetime, *, generation: str, catalog
     if period is None or subscription is None:
         period, subscription = None, None
     features = {feature.code: feature for feature in Feature.objects.all()}
-    costs = {feature.pk: feature.default_credits_per_unit for feature in features.values()}
-    cap = None
+    costs, cap = {}, None
     loaded = ([], {}, {})
     if period is not None:
-        costs.update(FeatureCost.objects.filter(plan=period.plan).values_list("feature_id", "credits_per_unit"))
+        costs = {feature_id: cost for (_, feature_id), cost in
+                 feature_costs({period.plan_id}, features.values()).items()}
         cap = effective_overage_cap(period.plan, customer, period)
         loaded = CustomerLedger._load([customer.pk], now, now)[customer.pk]
         prefetch_related_objects([period.plan], "overage_tiers")  # cached with the plan, for pricing
@@ -138,14 +136,20 @@ def customers_changed(external_ids) -> None:
     transaction commits: the first stops positions cached before the change (and reads
     inside this transaction) from being used, the second those built from the database
     while the change was not yet committed."""
-    keys = [GENERATION_KEY.format(e) for e in external_ids]
-    _set_new_tokens(keys)
-    after_commit(_set_new_tokens, keys)
+    _renew_tokens([GENERATION_KEY.format(e) for e in external_ids])
 
 
 def catalogue_changed() -> None:
-    _set_new_tokens([CATALOGUE_KEY])
-    after_commit(_set_new_tokens, [CATALOGUE_KEY])
+    _renew_tokens([CATALOGUE_KEY])
+
+
+def _renew_tokens(keys: list[str]) -> None:
+    """New tokens now and after the commit; nothing to do while positions are not cached
+    (every lock would otherwise write to the cache for nothing)."""
+    if settings.OVERAGE_POSITION_CACHE_SECONDS <= 0:
+        return
+    _set_new_tokens(keys)
+    after_commit(_set_new_tokens, keys)
 
 
 def _set_new_tokens(keys: list[str]) -> None:
