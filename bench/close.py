@@ -58,11 +58,12 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import PG_ADMIN_URL, ROOT, git, log, machine_busy_ticks, process_cpu_ticks
+from bench_support import recreate_database as recreate_scratch_database
+
 RESULTS = ROOT / "bench" / "results" / "close.json"
 PYTHON = sys.executable
 VENV_BIN = Path(PYTHON).parent
-PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "overage_bench_close"
 DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
 REDIS_DB = int(os.environ.get("BENCH_CLOSE_REDIS_DB", "11"))
@@ -123,18 +124,6 @@ KEY_PATTERNS = {"included:period": "billing_billingperiod", "rollover:grant": "b
 CLOSE_INSTANTS = {"created_at", "issued_at", "due_at", "paid_at", "closed_at"}
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - a missing git must not fail the benchmark
-        return None
-
-
 def external_id(index: int) -> str:
     return f"bench-{index:07d}"
 
@@ -174,13 +163,10 @@ def configure_django() -> None:
 
 
 def recreate_database() -> None:
-    import psycopg
     from django.db import connection
 
     connection.close()
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{DB_NAME}"')
+    recreate_scratch_database(DB_NAME)
 
 
 def table_counts() -> dict[str, int]:
@@ -674,19 +660,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ticks(pids) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total
-
-
-def machine_ticks() -> int:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return sum(process_cpu_ticks(pid) or 0 for pid in pids)
 
 
 def run_close(size: int, start: datetime, concurrency: int, timeout: float) -> dict:
@@ -712,7 +686,7 @@ def run_close(size: int, start: datetime, concurrency: int, timeout: float) -> d
                                 "AND backend_type = 'client backend'")
                 db_baseline = {pid: cpu_ticks([pid]) for (pid,) in db.execute(backends_sql, (DB_NAME,))}
                 db_last = dict(db_baseline)
-                before = {"machine": machine_ticks(), "worker": cpu_ticks(worker_pids)}
+                before = {"machine": machine_busy_ticks(), "worker": cpu_ticks(worker_pids)}
                 sent_at = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
                 probe.send_task(task)
@@ -732,7 +706,7 @@ def run_close(size: int, start: datetime, concurrency: int, timeout: float) -> d
                 polled_s = time.perf_counter() - t0
                 last_invoice = db.execute("SELECT max(created_at) FROM billing_invoice WHERE kind = 'period_close' "
                                           "AND created_at >= %s", (sent_at,)).fetchone()[0]
-                after = {"machine": machine_ticks(), "worker": cpu_ticks(worker_pids)}
+                after = {"machine": machine_busy_ticks(), "worker": cpu_ticks(worker_pids)}
                 for (pid,) in db.execute(backends_sql, (DB_NAME,)).fetchall():
                     db_last[pid] = cpu_ticks([pid]) or db_last.get(pid, 0)
     finally:

@@ -43,12 +43,13 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import (CLK_TCK, PG_ADMIN_URL, ROOT, children, drop_database, git, log, machine_busy_ticks,
+                           process_cpu_ticks, recreate_database)
+
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
 PYTHON = sys.executable
 VENV_BIN = Path(PYTHON).parent
 
-PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "overage_bench"
 DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -93,10 +94,6 @@ def customer_id(index: int) -> str:
 
 # --- Helpers ---------------------------------------------------------------------------
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile (p in 0..100)."""
     if not values:
@@ -110,14 +107,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - a missing git must not fail the benchmark
-        return None
 
 
 BENCH_REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/12"  # cache and broker of this run (flushed at start)
@@ -155,21 +144,6 @@ def run_checked(cmd: list[str], env: dict[str, str], what: str, timeout: float) 
 
 # --- Database --------------------------------------------------------------------------
 
-def recreate_database() -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB_NAME}")
-
-
-def drop_database() -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-
-
 def count_rows(sql: str) -> int:
     import psycopg
 
@@ -178,31 +152,6 @@ def count_rows(sql: str) -> int:
 
 
 # --- Server-side CPU (where did the time go?) ---------------------------------------------
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_ticks(pid: int) -> int | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def _machine_busy_ticks() -> int:
-    """All CPUs' non-idle time (user, nice, system, irq, softirq, steal) from /proc/stat."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return user + nice + system + irq + softirq + steal
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
 
 def rss_mb(pids: list[int]) -> dict[int, float]:
     """Resident set size of each process, in MB (VmRSS from /proc)."""
@@ -226,10 +175,10 @@ def cpu_snapshot(server: "Server") -> dict[str, dict[int, int]]:
         pg_pids = [row[0] for row in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend' "
             "AND pid <> pg_backend_pid()", (DB_NAME,))]
-    snap: dict[str, dict[int, int]] = {"app": {}, "db": {}, "machine": {0: _machine_busy_ticks()}}
-    for kind, pids in (("app", _children(server.proc.pid)), ("db", pg_pids)):
+    snap: dict[str, dict[int, int]] = {"app": {}, "db": {}, "machine": {0: machine_busy_ticks()}}
+    for kind, pids in (("app", children(server.proc.pid)), ("db", pg_pids)):
         for pid in pids:
-            ticks = _cpu_ticks(pid)
+            ticks = process_cpu_ticks(pid)
             if ticks is not None:
                 snap[kind][pid] = ticks
     return snap
@@ -630,7 +579,7 @@ def main() -> int:
     notes: list[str] = []
 
     log(f"recreating database {DB_NAME}, flushing Redis db 12")
-    recreate_database()
+    recreate_database(DB_NAME)
     import redis
 
     redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
@@ -709,7 +658,7 @@ def main() -> int:
                 async def sample_rss() -> None:
                     while True:
                         soak["samples"].append((round(time.monotonic() - soak_t0, 1),
-                                                rss_mb(_children(server.proc.pid))))
+                                                rss_mb(children(server.proc.pid))))
                         await asyncio.sleep(10)
 
                 soak_t0 = time.monotonic()
@@ -721,7 +670,7 @@ def main() -> int:
                                                        for i in range(args.batch_size)]},
                     check=check_batch(args.batch_size))
                 sampler.cancel()
-                soak["samples"].append((round(time.monotonic() - soak_t0, 1), rss_mb(_children(server.proc.pid))))
+                soak["samples"].append((round(time.monotonic() - soak_t0, 1), rss_mb(children(server.proc.pid))))
             # Last, because a request killed by gunicorn's worker timeout restarts a worker.
             if args.full_batch_probe:
                 size = args.full_batch_probe
@@ -780,7 +729,7 @@ def main() -> int:
                         f"(+ up to 40 warm-up events)")
 
     if args.drop_db:
-        drop_database()
+        drop_database(DB_NAME)
 
     batch_eps = batch.items / batch.elapsed if batch.elapsed else None
     single_rps = single.ok / single.elapsed if single.elapsed else None

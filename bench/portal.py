@@ -63,11 +63,10 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import PG_ADMIN_URL, ROOT, log, recreate_database
+
 RESULTS = ROOT / "bench" / "results" / "portal.json"
-PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DEFAULT_EVENTS = 100_000
 
 
@@ -84,10 +83,6 @@ TARGET_MS = 50
 TAIL_EVENTS = 1_000  # June's newest events, through the services after the bulk part
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def configure_django(events: int) -> None:
     os.environ.update({
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -101,14 +96,6 @@ def configure_django(events: int) -> None:
     import django
 
     django.setup()
-
-
-def recreate_database(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
 
 
 # --- Building the scenario ------------------------------------------------------------------
