@@ -4,13 +4,16 @@ Consumption order, holds and overage are decided by `CustomerLedger.plan_charge`
 the entitlement check, a single event and a batch take exactly the same decision.
 """
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, JSONField, Q
+from psycopg.types.json import Jsonb
 
 from billing.errors import BillingError, Conflict
 from billing.models import (
@@ -343,8 +346,8 @@ class CustomerLedger:
         Decimal rather than with F() in SQL, because SQLite does decimal arithmetic in
         floating point; the customers' locks keep them current."""
         assert transaction.get_connection().in_atomic_block, "flush needs the customers' transaction"
-        UsageEvent.objects.bulk_create([e for ledger in ledgers for e in ledger._events])
-        LedgerEntry.objects.bulk_create([e for ledger in ledgers for e in ledger._entries])
+        bulk_insert(UsageEvent, [e for ledger in ledgers for e in ledger._events])
+        bulk_insert(LedgerEntry, [e for ledger in ledgers for e in ledger._entries])
         bulk_set(CreditGrant, [g for ledger in ledgers for g in ledger._dirty_grants.values()], ["remaining"])
         bulk_set(BillingPeriod, [p for ledger in ledgers for p in ledger._periods.values()],
                  ["credits_used", "overage_credits"])
@@ -382,6 +385,49 @@ class CustomerLedger:
                 changed.append(rollup)
         UsageRollup.objects.bulk_create(new)
         bulk_set(UsageRollup, changed, ["events", "quantity", "credits", "overage_credits", "overage_events"])
+
+
+def bulk_insert(model, objects: list) -> None:
+    """Insert new objects and give them their primary keys. On PostgreSQL the keys are
+    drawn from the table's sequence in one query and the rows sent by `COPY`: Django's
+    `bulk_create` prepares every value of every row in Python and psycopg quotes them
+    again, which was half a 1 000-event batch's time; elsewhere `bulk_create`. Like
+    `bulk_create`, no signals and no `save()`. Keys drawn in one call ascend, so the
+    rows keep the objects' order."""
+    if not objects:
+        return
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        model.objects.bulk_create(objects)
+        return
+    meta, quote = model._meta, connection.ops.quote_name
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    encoders = {f.attname: f.encoder for f in fields if isinstance(f, JSONField)}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+                       [meta.db_table, meta.pk.column, len(objects)])
+        keys = [row[0] for row in cursor.fetchall()]
+        columns = ", ".join(quote(f.column) for f in [meta.pk, *fields])
+        with cursor.cursor.copy(f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN") as copy:
+            for key, obj in zip(keys, objects):
+                row = [key]
+                for f in fields:
+                    value = f.pre_save(obj, add=True)  # auto_now_add fills created_at
+                    if value is None and f.is_relation and f.is_cached(obj):
+                        # An object saved earlier in this flush (an entry's event).
+                        related = f.get_cached_value(obj)
+                        if related is not None:
+                            if related.pk is None:
+                                raise ValueError(f"{model.__name__}.{f.name}: the related object is unsaved")
+                            value = related.pk
+                            setattr(obj, f.attname, value)
+                    elif f.attname in encoders and value is not None:
+                        value = Jsonb(value, dumps=partial(json.dumps, cls=encoders[f.attname]))
+                    row.append(value)
+                copy.write_row(row)
+    for key, obj in zip(keys, objects):
+        obj.pk = key
+        obj._state.adding, obj._state.db = False, connection.alias
 
 
 def bulk_set(model, objects: list, fields: list[str]) -> None:

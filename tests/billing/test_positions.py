@@ -112,7 +112,7 @@ def test_without_the_cache_checks_read_the_database_every_time(acme, settings, d
 
 @time_machine.travel(NOW, tick=False)
 def test_with_the_cache_down_checks_come_from_the_database(acme, settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+    settings.CACHES = {"default": {"BACKEND": "config.cache.RedisCache",
                                    "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens there
     assert check().credits_remaining == Decimal("10000")
     event("e1", "999")

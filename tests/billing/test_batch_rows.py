@@ -1,0 +1,49 @@
+"""What a batch writes, row by row: on PostgreSQL events and ledger entries go in by
+COPY with keys drawn from their sequences (billing.services.ledger.bulk_insert), on
+SQLite by bulk_create; both must store the same rows, linked the same way."""
+
+from decimal import Decimal
+
+import pytest
+import time_machine
+
+from billing.models import LedgerEntry, UsageEvent
+from billing.services.metering import EventInput, record_events
+from tests.factories import FeatureFactory, make_customer, pro_plan, utc
+
+pytestmark = pytest.mark.django_db
+NOW = utc(2026, 5, 10, 9)
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_batch_stores_every_field_and_links_entries_to_their_events():
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
+    properties = {"model": "gpt-4o", "note": "naïve \u2603 'quoted' \\ back\tslash", "n": [1, 2.5, None]}
+    events = [EventInput(event_id=f"e{i}", customer="acme", feature="gpt-4o", quantity=Decimal("333.5"),
+                         timestamp=utc(2026, 5, 10, 8, i), properties=properties) for i in range(4)]
+    results = record_events(events=events, now=NOW)
+
+    # 4 × 3 335 credits against 10 000 included: the third draws the last 3 330 and overflows 5.
+    stored = list(UsageEvent.objects.order_by("id"))
+    assert [e.event_id for e in stored] == ["e0", "e1", "e2", "e3"]
+    assert [r.event.pk for r in results] == [e.pk for e in stored]
+    assert stored[0].properties == properties and stored[0].quantity == Decimal("333.5")
+    assert [e.credits for e in stored] == [Decimal("3335")] * 4
+    assert [e.overage_credits for e in stored] == [0, 0, Decimal("5"), Decimal("3335")]
+    assert stored[3].timestamp == utc(2026, 5, 10, 8, 3) and stored[3].received_at == NOW
+
+    entries = list(LedgerEntry.objects.filter(event__isnull=False).order_by("id"))
+    assert [(e.event.event_id, e.kind, e.credits) for e in entries] == [
+        ("e0", "consume", Decimal("-3335")), ("e1", "consume", Decimal("-3335")),
+        ("e2", "consume", Decimal("-3330")), ("e2", "overage", Decimal("-5")), ("e3", "overage", Decimal("-3335")),
+    ]
+    assert all(e.created_at == NOW and e.feature.code == "gpt-4o" and e.customer.external_id == "acme"
+               for e in entries)
+    assert entries[-1].grant_id is None and entries[0].grant_id is not None and entries[2].grant_id == entries[0].grant_id
+
+    # The keys came from the sequences: an ordinary insert after the batch gets the next one.
+    after = record_events(events=[EventInput(event_id="later", customer="acme", feature="gpt-4o",
+                                             quantity=Decimal("1"), timestamp=NOW)], now=NOW)[0].event
+    assert after.pk > stored[-1].pk
+    assert UsageEvent.objects.get(pk=after.pk).event_id == "later"
