@@ -42,6 +42,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "billing.api.middleware.ApiBodySizeLimit",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -125,6 +126,11 @@ CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TIMEZONE = "UTC"
 CELERY_TASK_ACKS_LATE = True
+# With late acks a task whose worker process dies (SIGKILL, OOM) is re-queued rather than
+# acknowledged: every task is idempotent, so running it again is safe, losing it is not.
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A message taken by a worker that vanished is redelivered after this long (Redis broker).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 900)}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 
 # --- REST API -----------------------------------------------------------------------
@@ -181,6 +187,10 @@ OVERAGE_POSITION_CACHE_SECONDS = env_int("OVERAGE_POSITION_CACHE_SECONDS", 30 if
 OVERAGE_API_KEY_CACHE_SECONDS = env_int("OVERAGE_API_KEY_CACHE_SECONDS", 5)
 OVERAGE_RESERVATION_MAX_TTL_SECONDS = env_int("OVERAGE_RESERVATION_MAX_TTL_SECONDS", 86400)
 OVERAGE_MAX_BATCH_EVENTS = 1000
+# An API body larger than this is refused with 413 before it is read (a full batch of
+# 1 000 events with modest properties is well under 1 MB).
+OVERAGE_API_MAX_BODY_BYTES = env_int("OVERAGE_API_MAX_BODY_BYTES", 5 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(OVERAGE_API_MAX_BODY_BYTES, 2621440)
 # Group commit of single events (billing/services/group_commit.py): concurrent requests of
 # a process share one transaction. For threaded web workers (gunicorn --threads).
 OVERAGE_GROUP_COMMIT = env_bool("OVERAGE_GROUP_COMMIT", False)
