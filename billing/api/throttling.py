@@ -1,0 +1,103 @@
+"""Rate limits per API key, by the scope the endpoint needs.
+
+A key may send OVERAGE_API_RATES[scope] requests per window to the endpoints of that
+scope: ingestion (events, entitlement checks) high, reads medium, admin writes low. A
+batch of events is one request. The counters live in the cache (Redis in production, so
+every web process shares them).
+
+Fixed windows, one counter each: two cache calls per request (INCR and, once per
+window, ADD), where DRF's SimpleRateThrottle reads and rewrites a list of every
+request's timestamp, which at ingestion rates is thousands of floats per request. The
+price is that a key may burst to twice its rate across a window boundary.
+
+When the cache cannot be reached the request is let through and a warning logged: a
+rate limit protects the API, and must not be the thing that takes ingestion down while
+Redis restarts (the entitlement checks go on from PostgreSQL then, see positions.py).
+"""
+
+import logging
+import math
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+from rest_framework.throttling import BaseThrottle
+
+from billing.models import ApiKey
+
+logger = logging.getLogger(__name__)
+
+_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
+            "d": 86400, "day": 86400}
+
+
+def parse_rate(rate: str | None) -> tuple[int, int] | None:
+    """'6000/min' → (6000, 60); None or '' or 'off' → None (no limit). Raises ValueError
+    on anything else, so a mistyped setting stops the start rather than the limit."""
+    if rate is None or rate.strip().lower() in ("", "off", "none"):
+        return None
+    count, _, period = rate.strip().partition("/")
+    multiple, unit = "", period
+    while unit[:1].isdigit():  # '100/10s'
+        multiple, unit = multiple + unit[0], unit[1:]
+    if not count.isdigit() or unit not in _PERIODS or int(count) < 1:
+        raise ValueError(f"a rate is 'N/s', 'N/min', 'N/h' or 'N/day' (or 'off'), got {rate!r}")
+    return int(count), _PERIODS[unit] * int(multiple or 1)
+
+
+class ApiKeyRateThrottle(BaseThrottle):
+    cache_prefix = "throttle:api"
+    # At most one "cache down" warning per process per this many seconds: during an
+    # outage every request would log one.
+    warn_every_seconds = 60
+    _last_warning = float("-inf")
+
+    def __init__(self):
+        self._wait = None
+
+    @staticmethod
+    def scope_of(request, view) -> str | None:
+        """The scope HasApiKeyScope checked for this request."""
+        return getattr(view, "required_scopes", {}).get(request.method) or getattr(view, "required_scope", None)
+
+    def allow_request(self, request, view) -> bool:
+        api_key = request.auth
+        scope = self.scope_of(request, view)
+        if not isinstance(api_key, ApiKey) or scope is None:
+            return True  # refused before this by authentication or permission
+        limit = parse_rate(settings.OVERAGE_API_RATES.get(scope))
+        if limit is None:
+            return True
+        count_allowed, window = limit
+        now = time.time()
+        window_start = int(now // window) * window
+        key = f"{self.cache_prefix}:{scope}:{api_key.pk}:{window}:{window_start}"
+        try:
+            count = self._increment(key, timeout=window + 1)
+        except Exception as error:  # noqa: BLE001 - any cache failure: fail open
+            self._warn_cache_down(error)
+            return True
+        if count <= count_allowed:
+            return True
+        self._wait = max(1, math.ceil(window_start + window - now))
+        return False
+
+    @staticmethod
+    def _increment(key: str, timeout: int) -> int:
+        try:
+            return cache.incr(key)
+        except ValueError:  # the window's first request (Django's incr needs the key)
+            if cache.add(key, 1, timeout=timeout):
+                return 1
+            return cache.incr(key)  # another request created it meanwhile
+
+    @classmethod
+    def _warn_cache_down(cls, error: Exception) -> None:
+        now = time.monotonic()
+        if now - cls._last_warning >= cls.warn_every_seconds:
+            cls._last_warning = now
+            logger.warning("API rate limits are off: the cache is unreachable (%s: %s); requests are let through",
+                           type(error).__name__, error)
+
+    def wait(self) -> int | None:
+        return self._wait
