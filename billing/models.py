@@ -169,6 +169,16 @@ class CreditGrant(models.Model):
     # Makes externally triggered grants (API, payments) idempotent per customer.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     description = models.CharField(max_length=255, blank=True)
+    # A grant someone asked for (the admin's grant form, the API's grants endpoint) says
+    # who and why: an operator, or the API key that sent it; the reason is for the
+    # business's own audit, not shown to the customer. Both empty for the grants Overage
+    # makes itself (included credits, rollover, paid packs). PROTECT: the audit trail
+    # outlives a staff account, so deactivate staff users rather than delete them.
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+                                   related_name="+")
+    created_by_api_key = models.ForeignKey("ApiKey", null=True, blank=True, on_delete=models.PROTECT,
+                                           related_name="+")
+    reason = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -182,6 +192,15 @@ class CreditGrant(models.Model):
 
     def __str__(self):
         return f"{self.get_source_display()}: {self.remaining}/{self.credits}"
+
+    @property
+    def granted_by(self) -> str:
+        """Who made the grant, as the admin and the API show it."""
+        if self.created_by_id:
+            return self.created_by.get_username()
+        if self.created_by_api_key_id:
+            return f"API key {self.created_by_api_key}"
+        return "Overage"
 
 
 class UsageEvent(models.Model):

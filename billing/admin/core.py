@@ -117,11 +117,31 @@ class LiveGrantInline(_CustomerHistoryInline):
         return super().get_queryset(request).filter(remaining__gt=0)
 
 
+def granted_by(entry: LedgerEntry) -> str:
+    """Who made the grant behind a grant entry (an operator, an API key, or Overage)."""
+    return entry.grant.granted_by if entry.kind == LedgerEntry.Kind.GRANT and entry.grant_id else ""
+
+
+def grant_reason(entry: LedgerEntry) -> str:
+    return entry.grant.reason if entry.kind == LedgerEntry.Kind.GRANT and entry.grant_id else ""
+
+
 class LedgerEntryInline(_CustomerHistoryInline):
     model = LedgerEntry
     verbose_name_plural = "Latest ledger entries"
-    fields = readonly_fields = ("kind", "credits", "grant", "feature", "effective_at", "note")
+    fields = readonly_fields = ("kind", "credits", "grant", "feature", "effective_at", "note", "by", "reason")
     ordering = ("-id",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("grant__created_by", "grant__created_by_api_key")
+
+    @admin.display(description="By")
+    def by(self, entry):
+        return granted_by(entry)
+
+    @admin.display(description="Reason")
+    def reason(self, entry):
+        return grant_reason(entry)
 
 
 class InvoiceInline(_CustomerHistoryInline):
@@ -308,11 +328,14 @@ class GrantAddForm(forms.ModelForm):
         widget=admin_widgets.FilteredSelectMultiple("features", is_stacked=False),
         help_text="Only these features may use the grant; none selected = every feature.",
     )
+    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 2}),
+                             help_text="Why these credits are granted: kept with the grant and shown on the "
+                                       "customer's ledger, with your name. Not shown to the customer.")
     request_key = forms.CharField(widget=forms.HiddenInput, initial=lambda: uuid.uuid4().hex)
 
     class Meta:
         model = CreditGrant
-        fields = ("customer", "source", "credits", "expires_at", "features", "description")
+        fields = ("customer", "source", "credits", "expires_at", "features", "description", "reason")
 
     def clean(self):
         cleaned = super().clean()
@@ -327,15 +350,18 @@ class GrantAddForm(forms.ModelForm):
 
 @admin.register(CreditGrant)
 class CreditGrantAdmin(admin.ModelAdmin):
-    list_display = ("id", "customer", "source", "credits", "remaining", "effective_at", "expires_at", "created_at")
+    list_display = ("id", "customer", "source", "credits", "remaining", "effective_at", "expires_at", "granted_by",
+                    "created_at")
     list_filter = ("source",)
     search_fields = ("customer__external_id",)
-    list_select_related = ("customer",)
+    list_select_related = ("customer", "created_by", "created_by_api_key")
     autocomplete_fields = ("customer",)
 
-    ADD_FIELDS = ("customer", "source", "credits", "expires_at", "features", "description", "request_key")
+    ADD_FIELDS = ("customer", "source", "credits", "expires_at", "features", "description", "reason", "request_key")
     VIEW_FIELDS = ("customer", "source", "credits", "remaining", "priority", "effective_at", "expires_at",
-                   "features", "period", "pack", "idempotency_key", "description", "created_at")
+                   "features", "period", "pack", "idempotency_key", "description", "granted_by", "reason",
+                   "created_at")
+    readonly_fields = ("granted_by",)
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -360,6 +386,7 @@ class CreditGrantAdmin(admin.ModelAdmin):
                 customer=data["customer"], idempotency_key=f"admin:{data['request_key']}",
                 credits=data["credits"], source=data["source"], expires_at=data["expires_at"],
                 features=features, description=data["description"], now=now,
+                created_by=request.user, reason=data["reason"],
             )
         except DomainError as error:
             obj._service_outcome = "refused"
@@ -392,10 +419,19 @@ class CreditGrantAdmin(admin.ModelAdmin):
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(ReadOnlyAdmin):
-    list_display = ("id", "customer", "kind", "credits", "grant", "feature", "effective_at", "created_at", "note")
+    list_display = ("id", "customer", "kind", "credits", "grant", "feature", "effective_at", "created_at", "note",
+                    "by", "reason")
     list_filter = ("kind",)
     search_fields = ("customer__external_id",)
-    list_select_related = ("customer", "grant", "feature")
+    list_select_related = ("customer", "grant__created_by", "grant__created_by_api_key", "feature")
+
+    @admin.display(description="By")
+    def by(self, entry):
+        return granted_by(entry)
+
+    @admin.display(description="Reason")
+    def reason(self, entry):
+        return grant_reason(entry)
 
 
 @admin.register(UsageEvent)

@@ -45,10 +45,12 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
                   expires_at: datetime | None = None, period: BillingPeriod | None = None,
                   idempotency_key: str | None = None, features=(), description: str = "",
                   pack=None, cost: Decimal = ZERO, currency: str = "", now: datetime,
-                  entry_kind: str = LedgerEntry.Kind.GRANT) -> CreditGrant:
+                  entry_kind: str = LedgerEntry.Kind.GRANT, created_by=None, created_by_api_key=None,
+                  reason: str = "") -> CreditGrant:
     """Add a bucket of credits and its entry (`grant`, or `rollover` for credits carried
     into a new period). The caller holds the customer's lock. With an idempotency key,
-    a repeat returns the first grant unchanged."""
+    a repeat returns the first grant unchanged. `created_by` (a user) or
+    `created_by_api_key` and `reason` record who asked for a manual grant and why."""
     if credits <= ZERO:
         raise ValueError("a grant must add a positive number of credits")
     if idempotency_key:
@@ -59,7 +61,7 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
         customer=customer, source=source, credits=credits, remaining=credits,
         priority=CreditGrant.PRIORITY_BY_SOURCE[source], effective_at=effective_at, expires_at=expires_at,
         period=period, pack=pack, idempotency_key=idempotency_key, description=description,
-        cost=cost, currency=currency,
+        cost=cost, currency=currency, created_by=created_by, created_by_api_key=created_by_api_key, reason=reason,
     )
     if features:
         grant.features.set(features)
@@ -73,10 +75,15 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
 @transaction.atomic
 def grant_credits_once(*, customer: Customer, idempotency_key: str, credits: Decimal, source: str,
                        now: datetime, expires_at: datetime | None = None, features=(),
-                       description: str = "") -> tuple[CreditGrant, bool]:
+                       description: str = "", created_by=None, api_key=None,
+                       reason: str | None = None) -> tuple[CreditGrant, bool]:
     """A grant requested from outside (API, admin), effective now: idempotent by key,
     and a repeat of a key with different terms is a conflict rather than a silent
-    no-op. Returns (grant, created)."""
+    no-op. Returns (grant, created).
+
+    Who asked is recorded: `created_by` (the admin's user) or `api_key`, with `reason`,
+    which must not be empty. A caller that passes no reason at all (None) records the
+    description as the reason."""
     features = list(features)
     terms = grant_terms(credits=credits, source=source, expires_at=expires_at, feature_codes=[f.code for f in features])
     lock_customer(customer.pk)
@@ -91,9 +98,15 @@ def grant_credits_once(*, customer: Customer, idempotency_key: str, credits: Dec
                            field="idempotency_key")
         return existing, False
     check_grant_request(credits=credits, expires_at=expires_at, now=now)
+    if reason is None:
+        reason = description
+    elif not reason.strip():
+        raise BillingError("Say why these credits are granted (reason).", code="missing_field", field="reason",
+                           status=400)
     grant = grant_credits(customer=customer, credits=credits, source=source, effective_at=now,
                           expires_at=expires_at, features=features, idempotency_key=idempotency_key,
-                          description=description, now=now)
+                          description=description, now=now, created_by=created_by, created_by_api_key=api_key,
+                          reason=reason.strip())
     return grant, True
 
 

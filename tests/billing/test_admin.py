@@ -128,7 +128,8 @@ def test_admin_grant_goes_through_the_service_and_a_resubmitted_form_grants_once
     form = admin_client.get(reverse("admin:billing_creditgrant_add"))
     request_key = form.context["adminform"].form["request_key"].value()
     data = {"customer": str(customer.pk), "source": "promotional", "credits": "500", "expires_at_0": "",
-            "expires_at_1": "", "description": "Launch week", "request_key": request_key}
+            "expires_at_1": "", "description": "Launch week", "reason": "Launch promotion",
+            "request_key": request_key}
 
     first = admin_client.post(reverse("admin:billing_creditgrant_add"), data)
     second = admin_client.post(reverse("admin:billing_creditgrant_add"), data)
@@ -145,7 +146,7 @@ def test_admin_grant_goes_through_the_service_and_a_resubmitted_form_grants_once
 @time_machine.travel(NOW, tick=False)
 def test_admin_grant_refuses_other_sources_and_past_expiry(admin_client, customer):
     data = {"customer": str(customer.pk), "source": "purchase", "credits": "500", "expires_at_0": "2026-03-01",
-            "expires_at_1": "00:00:00", "description": "", "request_key": "k1"}
+            "expires_at_1": "00:00:00", "description": "", "reason": "Goodwill", "request_key": "k1"}
 
     response = admin_client.post(reverse("admin:billing_creditgrant_add"), data)
 
