@@ -22,6 +22,32 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
+# --- HTTPS ----------------------------------------------------------------------------
+# With DEBUG off every default is the safe one (`manage.py check --deploy` passes with no
+# warnings); each may be turned off by a deployment that knows why, e.g.
+# SECURE_SSL_REDIRECT=0 for a production-mode run on plain http://localhost.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+# Behind a proxy that terminates TLS: SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO,https
+# (the request header as Django names it, and the value meaning HTTPS). Set it only if the
+# proxy always sets or overwrites that header, or any client could claim HTTPS; without it,
+# the redirect above loops behind such a proxy.
+_proxy_ssl_header = env_list("SECURE_PROXY_SSL_HEADER", [])
+if _proxy_ssl_header:
+    if len(_proxy_ssl_header) != 2 or not _proxy_ssl_header[0].startswith("HTTP_"):
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured("SECURE_PROXY_SSL_HEADER must be 'HTTP_<HEADER>,<value>', "
+                                   f"e.g. 'HTTP_X_FORWARDED_PROTO,https', got {_proxy_ssl_header!r}")
+    SECURE_PROXY_SSL_HEADER = tuple(_proxy_ssl_header)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+# Browsers remember for this long to use HTTPS only (a year in production); 0 = no header.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 365 * 86400)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
+# Only marks the header as eligible; a domain joins browsers' preload lists only when its
+# owner submits it (hstspreload.org).
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
