@@ -51,6 +51,19 @@ class PropertiesField(serializers.DictField):
         return value
 
 
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="Machine-readable, e.g. invalid, missing_field, customer_not_found.")
+    message = serializers.CharField()
+    field = serializers.CharField(allow_null=True, help_text="The offending field's path, e.g. "
+                                                             "overage_tiers[1].up_to; null if none.")
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every API error: {"error": {"code", "message", "field"}}."""
+
+    error = ErrorDetailSerializer()
+
+
 # --- Catalogue ----------------------------------------------------------------------
 
 class FeatureSerializer(serializers.Serializer):
@@ -146,7 +159,8 @@ class SubscriptionSerializer(serializers.Serializer):
 class CustomerSerializer(serializers.Serializer):
     external_id = serializers.CharField()
     name = serializers.CharField()
-    email = serializers.EmailField()
+    # Not EmailField: a customer may have no email, and "" is no email address.
+    email = serializers.CharField(help_text="An email address, or \"\" if none was given.")
     created_at = serializers.DateTimeField()
     subscription = SubscriptionSerializer(allow_null=True)
     current_period = PeriodSerializer(allow_null=True)
@@ -214,7 +228,8 @@ def event_result(event: UsageEvent) -> dict:
 
 
 class EventBatchSerializer(serializers.Serializer):
-    events = serializers.ListField(child=serializers.DictField(), allow_empty=False,
+    # min_length as well as allow_empty=False: the schema shows it as minItems.
+    events = serializers.ListField(child=serializers.DictField(), allow_empty=False, min_length=1,
                                    max_length=settings.OVERAGE_MAX_BATCH_EVENTS)
 
 

@@ -1,7 +1,9 @@
 """/api/v1 views: validate, call one service or selector, serialise. No rules here."""
 
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
@@ -26,6 +28,36 @@ from . import serializers as s
 from .errors import error_body, validation_error_body
 
 
+# Every operation documents its error answers too, all in the one error shape, so that
+# a client (and the schemathesis run in tests/api/test_schema_fuzz.py) can rely on the
+# schema for every status it may see.
+_ERROR_ANSWERS = {
+    400: "Malformed JSON, or a field that fails validation (`field` names it).",
+    401: "No API key, or an invalid or revoked one.",
+    402: "The payment was declined (Stripe mode).",
+    403: "The API key lacks the scope this endpoint needs.",
+    404: "No such customer, plan, invoice, reservation… (`code` says which).",
+    409: "Conflicts with what exists: the id or code is taken, or an id or idempotency key was reused with a "
+         "different body.",
+    413: "The body is larger than OVERAGE_API_MAX_BODY_BYTES.",
+    415: "The body is not JSON.",
+    422: "Well-formed, but refused by a billing rule (unknown feature, no subscription, …).",
+    429: "Rate limited: retry after `Retry-After` seconds.",
+}
+READ_ERRORS = (400, 401, 403, 404, 413, 429)
+WRITE_ERRORS = (*READ_ERRORS, 409, 415, 422)
+PAYING_ERRORS = (*WRITE_ERRORS, 402)
+
+
+def answers(ok, *, errors=READ_ERRORS) -> dict:
+    """`responses=` for extend_schema: the success answer(s) (a serializer, or
+    {status: serializer}) and the error answers `errors`."""
+    documented = dict(ok) if isinstance(ok, dict) else {200: ok}
+    for code in errors:
+        documented[code] = OpenApiResponse(s.ErrorSerializer, description=_ERROR_ANSWERS[code])
+    return documented
+
+
 class ScopedView(APIView):
     required_scope = None  # set by every view; HasApiKeyScope refuses views without one
 
@@ -46,11 +78,11 @@ _EVENT_IN, _CHECK_IN, _CHECK_OUT = s.EventSerializer(), s.EntitlementCheckSerial
 class FeatureListCreate(ScopedView):
     required_scopes = {"GET": "read", "POST": "admin"}
 
-    @extend_schema(responses=s.FeatureSerializer(many=True))
+    @extend_schema(responses=answers(s.FeatureSerializer(many=True)))
     def get(self, request):
         return Response(s.FeatureSerializer(Feature.objects.all(), many=True).data)
 
-    @extend_schema(request=s.FeatureSerializer, responses={201: s.FeatureSerializer})
+    @extend_schema(request=s.FeatureSerializer, responses=answers({201: s.FeatureSerializer}, errors=WRITE_ERRORS))
     def post(self, request):
         feature = plan_services.feature_create(**_valid(s.FeatureSerializer, request.data))
         return Response(s.FeatureSerializer(feature).data, status=status.HTTP_201_CREATED)
@@ -63,12 +95,12 @@ def _plan_out(plan: Plan) -> dict:
 class PlanListCreate(ScopedView):
     required_scopes = {"GET": "read", "POST": "admin"}
 
-    @extend_schema(responses=s.PlanSerializer(many=True))
+    @extend_schema(responses=answers(s.PlanSerializer(many=True)))
     def get(self, request):
         plans = Plan.objects.filter(is_active=True).prefetch_related("overage_tiers")
         return Response([_plan_out(plan) for plan in plans])
 
-    @extend_schema(request=s.PlanSerializer, responses={201: s.PlanSerializer})
+    @extend_schema(request=s.PlanSerializer, responses=answers({201: s.PlanSerializer}, errors=WRITE_ERRORS))
     def post(self, request):
         data = _valid(s.PlanSerializer, request.data)
         rollover = data.pop("rollover", None) or {}
@@ -85,7 +117,7 @@ class PlanListCreate(ScopedView):
 class PlanDetail(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.PlanSerializer)
+    @extend_schema(responses=answers(s.PlanSerializer))
     def get(self, request, code):
         plan = Plan.objects.filter(code=code).first()
         if plan is None:
@@ -107,7 +139,8 @@ def _customer_out(customer) -> dict:
 class CustomerCreate(ScopedView):
     required_scope = "admin"
 
-    @extend_schema(request=s.CustomerCreateSerializer, responses={201: s.CustomerSerializer})
+    @extend_schema(request=s.CustomerCreateSerializer,
+                   responses=answers({201: s.CustomerSerializer}, errors=WRITE_ERRORS))
     def post(self, request):
         data = _valid(s.CustomerCreateSerializer, request.data)
         customer = customer_services.customer_create(
@@ -120,7 +153,7 @@ class CustomerCreate(ScopedView):
 class CustomerDetail(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.CustomerSerializer)
+    @extend_schema(responses=answers(s.CustomerSerializer))
     def get(self, request, external_id):
         return Response(_customer_out(customer_services.customer_get(external_id)))
 
@@ -128,7 +161,7 @@ class CustomerDetail(ScopedView):
 class SubscriptionChange(ScopedView):
     required_scope = "admin"
 
-    @extend_schema(request=s.SubscriptionChangeSerializer, responses=s.CustomerSerializer,
+    @extend_schema(request=s.SubscriptionChangeSerializer, responses=answers(s.CustomerSerializer, errors=WRITE_ERRORS),
                    description="Change plan. Upgrades take effect now (prorated base fee and included credits); "
                                "downgrades at the start of the next period. See docs/billing-rules.md.")
     def post(self, request, external_id):
@@ -151,7 +184,9 @@ def _event_input(data: dict) -> EventInput:
 class EventCreate(ScopedView):
     required_scope = "ingest"
 
-    @extend_schema(request=s.EventSerializer, responses={201: s.EventResultSerializer, 200: s.EventResultSerializer},
+    @extend_schema(request=s.EventSerializer,
+                   responses=answers({201: s.EventResultSerializer, 200: s.EventResultSerializer},
+                                     errors=WRITE_ERRORS),
                    description="Record usage. 201 the first time; 200 with the same body for a retry of the same "
                                "`id`; 409 if the `id` was used with a different body.")
     def post(self, request):
@@ -165,7 +200,7 @@ class EventCreate(ScopedView):
 class EventBatchCreate(ScopedView):
     required_scope = "ingest"
 
-    @extend_schema(request=s.EventBatchSerializer, responses=s.BatchResultSerializer,
+    @extend_schema(request=s.EventBatchSerializer, responses=answers(s.BatchResultSerializer, errors=WRITE_ERRORS),
                    description="Up to 1 000 events; each is recorded (or refused) on its own.")
     def post(self, request):
         items = _valid(s.EventBatchSerializer, request.data)["events"]
@@ -199,7 +234,8 @@ class EventBatchCreate(ScopedView):
 class EntitlementCheck(ScopedView):
     required_scope = "ingest"
 
-    @extend_schema(request=s.EntitlementCheckSerializer, responses=s.EntitlementResultSerializer)
+    @extend_schema(request=s.EntitlementCheckSerializer,
+                   responses=answers(s.EntitlementResultSerializer, errors=WRITE_ERRORS))
     def post(self, request):
         data = _CHECK_IN.run_validation(request.data)
         decision = check_entitlement(
@@ -220,7 +256,7 @@ class EntitlementCheck(ScopedView):
 class ReservationRelease(ScopedView):
     required_scope = "ingest"
 
-    @extend_schema(request=None, responses=s.ReservationSerializer)
+    @extend_schema(request=None, responses=answers(s.ReservationSerializer, errors=WRITE_ERRORS))
     def post(self, request, reservation_id):
         now = timezone.now()
         reservation = reservation_release(reservation_id=reservation_id, now=now)
@@ -235,14 +271,18 @@ class CustomerUsage(ScopedView):
     required_scope = "read"
 
     @extend_schema(
-        parameters=[OpenApiParameter("at", str, description="ISO 8601 instant; the period containing it.")],
-        responses=s.UsageSerializer,
+        parameters=[OpenApiParameter("at", OpenApiTypes.DATETIME,
+                                     description="ISO 8601 instant; the period containing it.")],
+        responses=answers(s.UsageSerializer),
     )
     def get(self, request, external_id):
         customer = customer_services.customer_get(external_id)
         at = None
         if "at" in request.query_params:
-            at = s.serializers.DateTimeField().run_validation(request.query_params["at"])
+            try:
+                at = s.serializers.DateTimeField().run_validation(request.query_params["at"])
+            except ValidationError as invalid:
+                raise ValidationError({"at": invalid.detail}) from None
         usage = selectors.period_usage(customer=customer, now=timezone.now(), at=at)
         if usage is None:
             raise BillingError("The customer has no billing period at that time.", code="no_subscription",
@@ -263,7 +303,8 @@ class CustomerUsage(ScopedView):
 class CustomerGrantCreate(ScopedView):
     required_scope = "admin"
 
-    @extend_schema(request=s.GrantCreateSerializer, responses={201: s.GrantSerializer, 200: s.GrantSerializer})
+    @extend_schema(request=s.GrantCreateSerializer,
+                   responses=answers({201: s.GrantSerializer, 200: s.GrantSerializer}, errors=WRITE_ERRORS))
     def post(self, request, external_id):
         data = _valid(s.GrantCreateSerializer, request.data)
         customer = customer_services.customer_get(external_id)
@@ -293,7 +334,7 @@ def _invoice(number: str) -> Invoice:
 class CustomerInvoiceList(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.InvoiceSerializer(many=True))
+    @extend_schema(responses=answers(s.InvoiceSerializer(many=True)))
     def get(self, request, external_id):
         customer = customer_services.customer_get(external_id)
         invoices = customer.invoices.select_related("customer", "period").order_by("-issued_at", "-id")
@@ -303,7 +344,7 @@ class CustomerInvoiceList(ScopedView):
 class InvoiceDetail(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.InvoiceSerializer)
+    @extend_schema(responses=answers(s.InvoiceSerializer))
     def get(self, request, number):
         return Response(s.InvoiceSerializer(s.invoice_representation(_invoice(number))).data)
 
@@ -311,7 +352,7 @@ class InvoiceDetail(ScopedView):
 class UpcomingInvoice(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.InvoiceSerializer,
+    @extend_schema(responses=answers(s.InvoiceSerializer),
                    description="The invoice the current period would produce if it closed now, computed by the "
                                "same code as the real close.")
     def get(self, request, external_id):
@@ -325,7 +366,7 @@ class UpcomingInvoice(ScopedView):
 class InvoiceLineUsage(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.LineUsageSerializer)
+    @extend_schema(responses=answers(s.LineUsageSerializer))
     def get(self, request, number, line_id):
         line = _invoice(number).lines.filter(pk=line_id, kind="overage").select_related("period").first()
         if line is None:
@@ -345,7 +386,7 @@ class InvoiceLineUsage(ScopedView):
 class PackList(ScopedView):
     required_scope = "read"
 
-    @extend_schema(responses=s.CreditPackSerializer(many=True))
+    @extend_schema(responses=answers(s.CreditPackSerializer(many=True)))
     def get(self, request):
         return Response(s.CreditPackSerializer(CreditPack.objects.filter(is_active=True), many=True).data)
 
@@ -353,8 +394,8 @@ class PackList(ScopedView):
 class CustomerPackPurchase(ScopedView):
     required_scope = "admin"
 
-    @extend_schema(request=s.PackPurchaseRequestSerializer, responses={201: s.PurchaseSerializer,
-                                                                        200: s.PurchaseSerializer},
+    @extend_schema(request=s.PackPurchaseRequestSerializer,
+                   responses=answers({201: s.PurchaseSerializer, 200: s.PurchaseSerializer}, errors=PAYING_ERRORS),
                    description="Buy a credit pack. Local mode: paid and granted at once, with a paid receipt. "
                                "Idempotent by idempotency_key.")
     def post(self, request, external_id):
@@ -382,11 +423,11 @@ def _caps_out(customer) -> dict:
 class CustomerSpendCap(ScopedView):
     required_scopes = {"GET": "read", "PUT": "admin"}
 
-    @extend_schema(responses=s.SpendCapSerializer)
+    @extend_schema(responses=answers(s.SpendCapSerializer))
     def get(self, request, external_id):
         return Response(_caps_out(customer_services.customer_get(external_id)))
 
-    @extend_schema(request=s.SpendCapRequestSerializer, responses=s.SpendCapSerializer,
+    @extend_schema(request=s.SpendCapRequestSerializer, responses=answers(s.SpendCapSerializer, errors=WRITE_ERRORS),
                    description="Set the customer's own overage cap (it can only lower the business's cap).")
     def put(self, request, external_id):
         data = _valid(s.SpendCapRequestSerializer, request.data)
@@ -398,7 +439,8 @@ class CustomerSpendCap(ScopedView):
 class CustomerCapApproval(ScopedView):
     required_scope = "admin"
 
-    @extend_schema(request=s.CapApprovalRequestSerializer, responses={201: s.SpendCapSerializer},
+    @extend_schema(request=s.CapApprovalRequestSerializer,
+                   responses=answers({201: s.SpendCapSerializer}, errors=WRITE_ERRORS),
                    description="Approve a higher overage cap for the current period (plans with cap behaviour "
                                "`approval`).")
     def post(self, request, external_id):
@@ -420,7 +462,7 @@ class CustomerAutoTopUp(ScopedView):
             "disabled_reason": topup.disabled_reason,
         }).data
 
-    @extend_schema(responses=s.AutoTopUpSerializer)
+    @extend_schema(responses=answers(s.AutoTopUpSerializer))
     def get(self, request, external_id):
         customer = customer_services.customer_get(external_id)
         topup = AutoTopUp.objects.select_related("pack").filter(customer=customer).first()
@@ -428,7 +470,7 @@ class CustomerAutoTopUp(ScopedView):
             raise NotFound("Automatic top-up is not configured for this customer.", code="auto_topup_not_configured")
         return Response(self._out(topup))
 
-    @extend_schema(request=s.AutoTopUpSerializer, responses=s.AutoTopUpSerializer)
+    @extend_schema(request=s.AutoTopUpSerializer, responses=answers(s.AutoTopUpSerializer, errors=PAYING_ERRORS))
     def put(self, request, external_id):
         data = _valid(s.AutoTopUpSerializer, request.data)
         customer = customer_services.customer_get(external_id)
@@ -439,6 +481,7 @@ class CustomerAutoTopUp(ScopedView):
         return Response(self._out(topup))
 
 
+@csrf_exempt  # like every API view: without it an unknown URL POSTed to answers CSRF's HTML 403
 def api_not_found(request, *args, **kwargs):
     """Unknown /api/ URLs answer in the API's error shape, not with an HTML page."""
     from django.http import JsonResponse
