@@ -6,8 +6,8 @@ Target (issue 6): 100 000 customers with usage closed in at most 5 minutes, the 
 growing linearly with the number of customers.
 
 What it does, for each size N (bounded in time; the workers are always stopped):
-  1. drops and re-creates the PostgreSQL database `overage_bench_close` (nothing else is
-     touched), migrates it, and creates through the project's services two features and
+  1. drops and re-creates the PostgreSQL database `overage_bench_close` (or BENCH_CLOSE_DB;
+     nothing else is touched), migrates it, and creates through the project's services two features and
      a hybrid plan (base fee 49.00, 10 000 included credits, graduated overage tiers,
      rollover capped at 2 000);
   2. builds one template customer per usage profile through the services
@@ -64,7 +64,8 @@ from bench_support import recreate_database as recreate_scratch_database
 RESULTS = ROOT / "bench" / "results" / "close.json"
 PYTHON = sys.executable
 VENV_BIN = Path(PYTHON).parent
-DB_NAME = "overage_bench_close"
+# BENCH_CLOSE_DB: another scratch database, so that two runs at once do not drop each other's.
+DB_NAME = os.environ.get("BENCH_CLOSE_DB", "overage_bench_close")
 DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
 REDIS_DB = int(os.environ.get("BENCH_CLOSE_REDIS_DB", "11"))
 BROKER_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"

@@ -75,16 +75,27 @@ def live_subscription(customer: Customer) -> Subscription | None:
     )
 
 
-def open_periods(*, subscription: Subscription, until: datetime) -> list[BillingPeriod]:
+_UNREAD = object()
+
+
+def open_periods(*, subscription: Subscription, until: datetime, last=_UNREAD) -> list[BillingPeriod]:
     """Open every billing period of `subscription` up to the one containing `until`,
     each with a grant of its plan's included credits that expires at the period's end.
 
     Idempotent; the caller holds the customer's lock and never asks for a period that
     has not started (`until` ≤ now), so a plan change scheduled before a boundary always
     applies from that boundary (`pending_plan` takes effect when the period opens).
+
+    `last`: the subscription's latest period (None: it has none), when the caller read
+    it and `subscription` under this same lock, as the close does; both are then not
+    read again. A stale `last` fails on the one-period-per-start constraint rather
+    than opening a period twice.
     """
-    subscription.refresh_from_db()  # under the lock: a concurrent plan change is seen
-    last = subscription.periods.order_by("-start").first()
+    if last is _UNREAD:
+        subscription.refresh_from_db()  # under the lock: a concurrent plan change is seen
+        last = subscription.periods.order_by("-start").first()
+    elif last is not None and last.subscription_id != subscription.pk:
+        raise ValueError("`last` is a period of another subscription")
     if last is not None and last.end > until:
         return []
     if until < subscription.started_at:

@@ -313,7 +313,13 @@ def _close_period(period_id: int, now: datetime, skip_grace: bool,
     if subscription.status != Subscription.Status.CANCELED:
         next_period = next((p for p in periods if p.start == period.end), None)
         if next_period is None:
-            opened = open_periods(subscription=subscription, until=period.end)
+            # The subscription and its latest period (every later one is open, so in
+            # `periods`) were read under the lock just now: open_periods need not read
+            # them again, nor the customer and plan rows already in hand.
+            subscription.customer = customer
+            if subscription.plan_id == period.plan_id:
+                subscription.plan = period.plan
+            opened = open_periods(subscription=subscription, until=period.end, last=periods[-1])
             next_period = opened[-1] if opened and opened[-1].start == period.end else (
                 BillingPeriod.objects.select_related("plan").get(subscription=subscription, start=period.end))
     _settle_included_credits(period, next_period, now)
