@@ -75,6 +75,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "portal.login_throttle.LoginLockoutMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -137,6 +138,18 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# Login brute-force protection (portal/login_throttle.py): the gate backend comes first.
+AUTHENTICATION_BACKENDS = ["portal.login_throttle.LoginThrottleBackend", "django.contrib.auth.backends.ModelBackend"]
+# This many failures for one username from one address within the window lock that pair
+# out for the lockout; one address failing this often for any usernames is locked out too.
+OVERAGE_LOGIN_MAX_FAILURES = env_int("OVERAGE_LOGIN_MAX_FAILURES", 5)
+OVERAGE_LOGIN_MAX_FAILURES_PER_ADDRESS = env_int("OVERAGE_LOGIN_MAX_FAILURES_PER_ADDRESS", 50)
+OVERAGE_LOGIN_WINDOW_SECONDS = env_int("OVERAGE_LOGIN_WINDOW_SECONDS", 15 * 60)
+OVERAGE_LOGIN_LOCKOUT_SECONDS = env_int("OVERAGE_LOGIN_LOCKOUT_SECONDS", 15 * 60)
+# Behind a proxy, the request header holding the client's address as the proxy sets it
+# (e.g. HTTP_X_REAL_IP); empty = REMOTE_ADDR.
+OVERAGE_LOGIN_IP_HEADER = env_str("OVERAGE_LOGIN_IP_HEADER", "")
 
 LOGIN_URL = "/portal/login/"
 LOGIN_REDIRECT_URL = "/portal/"
