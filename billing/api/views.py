@@ -1,11 +1,14 @@
 """/api/v1 views: validate, call one service or selector, serialise. No rules here."""
 
+import math
+
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import ParseError, ValidationError
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -58,8 +61,61 @@ def answers(ok, *, errors=READ_ERRORS) -> dict:
     return documented
 
 
+def _first_unstorable(document) -> tuple[str, str] | None:
+    """(path, problem) of the first value in a parsed JSON body that no column can hold:
+    a number beyond float range (`1e309` parses to inf) or text with a lone UTF-16
+    surrogate (`"\\ud800"`, which cannot be encoded as UTF-8). Iterative, so a deep
+    document cannot exhaust the stack here."""
+    pending = [("", document)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, "Numbers must be finite."
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, "Text may not contain lone surrogate code points."
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                child = f"{path}.{key}" if path else str(key)
+                pending.append((child, item))
+                pending.append((child, key))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
+    return None
+
+
+class ApiJSONParser(JSONParser):
+    """JSON bodies, refused with a 4xx when Python's parser would fail in ways DRF's
+    does not catch (nesting deep enough to exhaust the recursion limit: a 500) or accept
+    what no column can store (non-finite numbers, lone surrogates: a 500 on write)."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            document = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - nested too deeply.") from None
+        problem = _first_unstorable(document)
+        if problem is not None:
+            # The path may hold the very surrogate refused: escape it so the answer encodes.
+            path, message = problem[0].encode("utf-8", "backslashreplace").decode("utf-8"), problem[1]
+            # Named by its top-level field (for a batch: "events"), the full path in the message.
+            field = path.partition(".")[0].partition("[")[0] or None
+            raise ValidationError({field: [f"{message} (at {path})"]} if field else [message])
+        return document
+
+
 class ScopedView(APIView):
     required_scope = None  # set by every view; HasApiKeyScope refuses views without one
+    parser_classes = [ApiJSONParser]
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        # An id from the URL goes into a query; PostgreSQL refuses NUL in text (a 500).
+        for name, value in kwargs.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise ValidationError({name: ["May not contain NUL characters."]})
 
 
 def _valid(serializer_class, data):
