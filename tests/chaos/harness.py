@@ -180,11 +180,18 @@ def execute(sql: str) -> None:
         conn.execute(sql)
 
 
-def scalar(sql: str, params=()) -> object:
+def scalar(sql: str, params=(), *, patience: float = 60) -> object:
     """One value from the test database on a fresh connection (the pytest process's own may
-    have been ended by a fault)."""
-    with psycopg.connect(database_url(), autocommit=True, connect_timeout=5) as conn:
-        return conn.execute(sql, params).fetchone()[0]
+    have been ended by a fault); retried while PostgreSQL is being restarted by another."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with psycopg.connect(database_url(), autocommit=True, connect_timeout=5) as conn:
+                return conn.execute(sql, params).fetchone()[0]
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # PostgreSQL restarting
 
 
 # --- The app's processes ------------------------------------------------------------------
