@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Settings a developer's shell or CI may export that would change what is tested here.
-OVERRIDDEN = ("DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "SECURE_", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE")
+# Settings a developer's shell or CI may export that would change what is tested here;
+# DJANGO_ALLOW_ASYNC_UNSAFE is set by the browser tests (Playwright) in this process.
+OVERRIDDEN = ("DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "SECURE_", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE",
+              "DJANGO_ALLOW_ASYNC_UNSAFE")
 
 
 def production_env(**extra) -> dict:
