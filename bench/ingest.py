@@ -126,6 +126,8 @@ def app_env(secret_key: str) -> dict[str, str]:
         "DATABASE_URL": DB_URL,
         "DB_CONN_MAX_AGE": "60",
         "DEBUG": "0",
+        "SECURE_SSL_REDIRECT": "0",  # plain http on loopback
+        "OVERAGE_RATE_INGEST": "off",  # measure the service, not the rate limit
         "SECRET_KEY": secret_key,
         "ALLOWED_HOSTS": "127.0.0.1",
         "LOG_LEVEL": "WARNING",

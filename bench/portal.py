@@ -87,7 +87,7 @@ def configure_django(events: int) -> None:
     os.environ.update({
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + db_name(events),
-        "DEBUG": "0", "SECRET_KEY": "bench-portal-not-secret", "ALLOWED_HOSTS": "testserver",
+        "DEBUG": "0", "SECURE_SSL_REDIRECT": "0", "SECRET_KEY": "bench-portal-not-secret", "ALLOWED_HOSTS": "testserver",
         "LOG_LEVEL": "WARNING", "EMAIL_URL": "dummy://",
     })
     for name in ("CELERY_BROKER_URL", "REDIS_URL", "STRIPE_SECRET_KEY", "DB_CONN_MAX_AGE"):

@@ -708,3 +708,16 @@ class StripeEventReceipt(models.Model):
 
     def __str__(self):
         return f"{self.type} {self.event_id}"
+
+
+class DeferredTask(models.Model):
+    """A Celery task that could not be sent because the broker was unreachable, kept
+    here until `requeue_deferred_tasks_task` sends it (billing.services.commit_hooks)."""
+
+    task = models.CharField(max_length=200)  # the task's registered name
+    args = models.JSONField(default=list)
+    options = models.JSONField(default=dict, blank=True)  # apply_async options (e.g. countdown)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"{self.task}{tuple(self.args)}"

@@ -68,6 +68,22 @@ def send_alert_email_task(alert_id: int, to_customer: bool = True, to_business: 
     return send_alert_email(alert_id=alert_id, to_customer=to_customer, to_business=to_business)
 
 
+@shared_task(acks_late=True, autoretry_for=(OSError,), retry_backoff=60, retry_backoff_max=3600, max_retries=5)
+def send_notification_email_task(notification_id: int) -> int:
+    from billing.services.stripe_webhooks import email_notification
+
+    return email_notification(notification_id)
+
+
+@shared_task(acks_late=True)
+def requeue_deferred_tasks_task() -> int:
+    """Send the tasks kept in the database while the broker was down (beat, every minute:
+    it runs only once the broker is back, which is when they can be sent)."""
+    from billing.services.commit_hooks import requeue_deferred_tasks
+
+    return requeue_deferred_tasks()
+
+
 @shared_task(acks_late=True)
 def deliver_webhook_task(delivery_id: int) -> str:
     """One attempt; a failed attempt is retried by `retry_due_webhooks_task`, never by

@@ -171,6 +171,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # A message taken by a worker that vanished is redelivered after this long (Redis broker).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 900)}
+# After a failed send, a process keeps follow-up tasks in the database (DeferredTask) for
+# this long without trying the broker again; the beat sends them once it is back.
+OVERAGE_BROKER_RETRY_SECONDS = env_int("OVERAGE_BROKER_RETRY_SECONDS", 10)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 
 # --- REST API -----------------------------------------------------------------------
@@ -296,5 +299,6 @@ CELERY_BEAT_SCHEDULE = {
     "close-due-periods": {"task": "billing.tasks.close_due_periods_task", "schedule": 300.0},
     "bill-progressively": {"task": "billing.tasks.bill_progressively_due_task", "schedule": 300.0},
     "retry-due-webhooks": {"task": "billing.tasks.retry_due_webhooks_task", "schedule": 60.0},
+    "requeue-deferred-tasks": {"task": "billing.tasks.requeue_deferred_tasks_task", "schedule": 60.0},
     "recognise-revenue": {"task": "billing.tasks.recognise_revenue_task", "schedule": 900.0},
 }

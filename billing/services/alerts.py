@@ -35,7 +35,7 @@ from billing.services.invoicing import overage_waived_amount
 from billing.services.ledger import Reason
 from billing.services.locks import lock_customer
 from billing.services.webhooks import queue_deliveries
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import after_commit, enqueue, send_task
 from plans.money import ZERO, credits_total, format_credits, format_money
 from plans.pricing import price_period
 
@@ -79,7 +79,7 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], percent_
                        if added > ZERO and periods[pk].overage_credits == added}
     due = (set(periods) & percent_crossed) | overage_started | set(cap_event_by_period)
     for period_id in sorted(due):
-        after_commit(tasks.check_alerts_task.delay, customer_id, period_id, cap_event_by_period.get(period_id))
+        enqueue(tasks.check_alerts_task, customer_id, period_id, cap_event_by_period.get(period_id))
     if any(e.period.plan.runaway_multiplier is not None for e in accepted):
         after_commit(schedule_runaway_check, customer_id)
 
@@ -114,11 +114,11 @@ def schedule_runaway_check(customer_id: int) -> None:
 
     task = tasks.check_runaway_usage_task
     if task.app.conf.task_always_eager:
-        task.delay(customer_id)
+        send_task(task, (customer_id,), {})
         return
     interval = getattr(settings, "OVERAGE_RUNAWAY_CHECK_INTERVAL_SECONDS", DEFAULT_RUNAWAY_CHECK_INTERVAL_SECONDS)
     if cache.add(f"overage:runaway-check:{customer_id}", 1, timeout=interval):
-        task.apply_async((customer_id,), countdown=interval)
+        send_task(task, (customer_id,), {"countdown": interval})
 
 
 # --- Usage thresholds, overage started, cap reached -----------------------------------
@@ -347,10 +347,10 @@ def fire_alert(*, customer: Customer, period: BillingPeriod, kind: str, threshol
 
     email_customer = bool(customer.email) and _email_enabled(customer.pk, kind)
     if email_customer or email_business:
-        after_commit(tasks.send_alert_email_task.delay, alert.pk, email_customer, email_business)
+        enqueue(tasks.send_alert_email_task, alert.pk, email_customer, email_business)
     for delivery in deliveries:
         # If this enqueue is lost, the every-minute sweep sends the delivery anyway.
-        after_commit(tasks.deliver_webhook_task.delay, delivery.pk)
+        enqueue(tasks.deliver_webhook_task, delivery.pk)
     return alert
 
 

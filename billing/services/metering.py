@@ -25,7 +25,7 @@ from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_per
 from billing.services.customers import open_periods
 from billing.services.ledger import CustomerLedger
 from billing.services.locks import lock_customers
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import enqueue
 from plans.models import Feature, FeatureCost
 from plans.money import quantize_credits
 
@@ -265,6 +265,6 @@ def _enqueue_billing_follow_ups(customer_id: int, events: list[UsageEvent], *, a
     if not accepted:
         return
     if auto_topup:
-        after_commit(tasks.run_auto_topup_task.delay, customer_id)
+        enqueue(tasks.run_auto_topup_task, customer_id)
     for period_id in sorted({e.period_id for e in accepted if e.period.plan.progressive_billing_threshold is not None}):
-        after_commit(tasks.bill_progressively_task.delay, period_id)
+        enqueue(tasks.bill_progressively_task, period_id)

@@ -25,7 +25,7 @@ from billing.services.customers import live_subscription, open_periods, period_f
 from billing.services.invoicing import DraftInvoice, DraftLine, issue_invoice, overage_billed_through
 from billing.services.ledger import grant_credits
 from billing.services.locks import lock_customer
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import enqueue
 from plans.models import CreditPack
 from plans.money import ZERO, format_credits, round_money
 
@@ -64,7 +64,7 @@ def purchase_pack(*, customer: Customer, pack_code: str, idempotency_key: str, n
         from billing import tasks
 
         # Off-session with the saved card, after commit; credits come with the webhook.
-        after_commit(tasks.stripe_charge_purchase_task.delay, purchase.pk, True)
+        enqueue(tasks.stripe_charge_purchase_task, purchase.pk, True)
     return purchase, True
 
 

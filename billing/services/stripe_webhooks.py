@@ -21,7 +21,7 @@ from django.db import IntegrityError, transaction
 from billing.models import AutoTopUp, CreditPurchase, Customer, Invoice, Notification, StripeEventReceipt
 from billing.services.purchases import complete_purchase
 from billing.services.stripe_sync import card_save, stripe_invoice_record, topup_payment_failed
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import enqueue
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,21 @@ def subscription_updated(remote: dict, now: datetime) -> str:
 
 def notify(customer: Customer, *, title: str, body: str, now: datetime) -> None:
     """In-app notification, and an email after commit when the customer has an address."""
-    Notification.objects.create(customer=customer, title=title, body=body, created_at=now)
+    notification = Notification.objects.create(customer=customer, title=title, body=body, created_at=now)
     if customer.email:
-        after_commit(send_mail, title, body, settings.DEFAULT_FROM_EMAIL, [customer.email], fail_silently=True)
+        from billing import tasks
+
+        enqueue(tasks.send_notification_email_task, notification.pk)
+
+
+def email_notification(notification_id: int) -> int:
+    """Email a notification to its customer; returns the number of messages sent. An
+    SMTP failure raises, so the task retries it (as alert emails are)."""
+    notification = Notification.objects.select_related("customer").get(pk=notification_id)
+    if not notification.customer.email:
+        return 0
+    return send_mail(notification.title, notification.body, settings.DEFAULT_FROM_EMAIL,
+                     [notification.customer.email])
 
 
 HANDLERS = {

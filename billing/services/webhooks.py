@@ -27,7 +27,7 @@ from django.db.models import F, Q
 
 from billing.errors import BillingError
 from billing.models import Alert, WebhookDelivery, WebhookEndpoint
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import enqueue
 
 # Wait after the n-th failed attempt before the next one; after the last, give up.
 RETRY_DELAYS = (
@@ -204,5 +204,5 @@ def retry_webhook_delivery_now(*, delivery: WebhookDelivery, now: datetime) -> b
             status=WebhookDelivery.Status.DELIVERED
         ).update(status=WebhookDelivery.Status.PENDING, next_attempt_at=now)
         if updated:
-            after_commit(deliver_webhook_task.delay, delivery.pk)
+            enqueue(deliver_webhook_task, delivery.pk)
     return bool(updated)
