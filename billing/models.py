@@ -537,6 +537,9 @@ class Alert(models.Model):
     threshold = models.PositiveIntegerField(default=0)  # percent, for usage thresholds
     fired_at = models.DateTimeField()
     details = models.JSONField(default=dict, blank=True)
+    # Set in the transaction that sent the email, so a redelivered task does not send it again.
+    emailed_customer_at = models.DateTimeField(null=True, blank=True)
+    emailed_business_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-fired_at"]
@@ -552,6 +555,7 @@ class Notification(models.Model):
     body = models.TextField(blank=True)
     created_at = models.DateTimeField()
     read_at = models.DateTimeField(null=True, blank=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)  # as Alert.emailed_customer_at
 
     class Meta:
         ordering = ["-created_at"]

@@ -126,14 +126,8 @@ def grant_reason(entry: LedgerEntry) -> str:
     return entry.grant.reason if entry.kind == LedgerEntry.Kind.GRANT and entry.grant_id else ""
 
 
-class LedgerEntryInline(_CustomerHistoryInline):
-    model = LedgerEntry
-    verbose_name_plural = "Latest ledger entries"
-    fields = readonly_fields = ("kind", "credits", "grant", "feature", "effective_at", "note", "by", "reason")
-    ordering = ("-id",)
-
-    def get_queryset(self, request):
-        return super().get_queryset(request).select_related("grant__created_by", "grant__created_by_api_key")
+class GrantAuditColumns:
+    """'By' and 'Reason' columns of ledger entries: who made the grant an entry moves, and why."""
 
     @admin.display(description="By")
     def by(self, entry):
@@ -142,6 +136,17 @@ class LedgerEntryInline(_CustomerHistoryInline):
     @admin.display(description="Reason")
     def reason(self, entry):
         return grant_reason(entry)
+
+
+class LedgerEntryInline(GrantAuditColumns, _CustomerHistoryInline):
+    model = LedgerEntry
+    verbose_name_plural = "Latest ledger entries"
+    fields = readonly_fields = ("kind", "credits", "grant", "feature", "effective_at", "note", "by", "reason")
+    ordering = ("-id",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("grant__created_by", "grant__created_by_api_key")
+
 
 
 class InvoiceInline(_CustomerHistoryInline):
@@ -418,20 +423,12 @@ class CreditGrantAdmin(admin.ModelAdmin):
 # --- The ledger and usage (append-only) --------------------------------------------------
 
 @admin.register(LedgerEntry)
-class LedgerEntryAdmin(ReadOnlyAdmin):
+class LedgerEntryAdmin(GrantAuditColumns, ReadOnlyAdmin):
     list_display = ("id", "customer", "kind", "credits", "grant", "feature", "effective_at", "created_at", "note",
                     "by", "reason")
     list_filter = ("kind",)
     search_fields = ("customer__external_id",)
     list_select_related = ("customer", "grant__created_by", "grant__created_by_api_key", "feature")
-
-    @admin.display(description="By")
-    def by(self, entry):
-        return granted_by(entry)
-
-    @admin.display(description="Reason")
-    def reason(self, entry):
-        return grant_reason(entry)
 
 
 @admin.register(UsageEvent)

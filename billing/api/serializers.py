@@ -325,6 +325,9 @@ class GrantCreateSerializer(serializers.Serializer):
                                      help_text="Limit the grant to these feature codes; empty = all features.")
     idempotency_key = serializers.CharField(max_length=255)
     description = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    reason = serializers.CharField(max_length=500, required=False, allow_null=True, allow_blank=True, default=None,
+                                   help_text="Why the credits are granted (kept on the ledger); "
+                                             "defaults to the description. One of the two is required.")
 
 
 class GrantSerializer(serializers.Serializer):
@@ -337,6 +340,8 @@ class GrantSerializer(serializers.Serializer):
     features = serializers.SerializerMethodField()
     idempotency_key = serializers.CharField(allow_null=True)
     description = serializers.CharField()
+    reason = serializers.CharField()
+    created_by = serializers.CharField(source="granted_by", help_text="Who granted: a user, an API key or Overage.")
     created_at = serializers.DateTimeField()
 
     def get_features(self, grant) -> list[str]:

@@ -373,7 +373,8 @@ class CustomerGrantCreate(ScopedView):
         grant, created = grant_credits_once(
             customer=customer, idempotency_key=data["idempotency_key"], credits=data["credits"],
             source=data["source"], expires_at=data["expires_at"], features=features,
-            description=data["description"], now=now,
+            description=data["description"], now=now, api_key=request.auth,
+            reason=data["reason"] if data["reason"] is not None else data["description"],
         )
         return Response(s.GrantSerializer(grant).data, status=201 if created else 200)
 

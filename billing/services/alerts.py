@@ -23,6 +23,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 from django.db.models import Sum
 
 from billing.models import (
@@ -364,21 +365,29 @@ def _email_enabled(customer_id: int, kind: str) -> bool:
 
 def send_alert_email(*, alert_id: int, to_customer: bool = True, to_business: bool = False) -> int:
     """Email an alert to the customer's address and/or the business (the addresses in
-    settings.ADMINS; none configured = no business email).
+    settings.ADMINS; none configured = no business email), each at most once: the alert
+    is locked while sending and the send recorded in the same transaction, so a
+    redelivered or retried task sends only what was not sent. (A worker that dies
+    between the SMTP hand-off and the commit sends again: at least once, never lost.)
     Returns the number of messages sent."""
-    alert = Alert.objects.select_related("customer", "period").get(pk=alert_id)
-    subject, body = alert_message(alert)
-    footer = ("\n\nYou receive this message because usage alerts are on for your account. Thresholds and which "
-              "alerts are emailed can be changed in the portal.")
-    sent = 0
-    if to_customer and alert.customer.email:
-        sent += send_mail(subject, body + footer, settings.DEFAULT_FROM_EMAIL, [alert.customer.email])
-    # ADMINS entries are (name, address) pairs (plain addresses from Django 6.0 on).
-    business = [entry if isinstance(entry, str) else entry[1] for entry in settings.ADMINS]
-    if to_business and business:
-        sent += send_mail(f"{alert.customer.name} ({alert.customer.external_id}): {subject}", body,
-                          settings.DEFAULT_FROM_EMAIL, business)
-    return sent
+    with transaction.atomic():
+        alert = Alert.objects.select_for_update().select_related("customer", "period").get(pk=alert_id)
+        subject, body = alert_message(alert)
+        footer = ("\n\nYou receive this message because usage alerts are on for your account. Thresholds and "
+                  "which alerts are emailed can be changed in the portal.")
+        sent, now = 0, timezone.now()
+        if to_customer and alert.customer.email and alert.emailed_customer_at is None:
+            sent += send_mail(subject, body + footer, settings.DEFAULT_FROM_EMAIL, [alert.customer.email])
+            alert.emailed_customer_at = now
+            alert.save(update_fields=["emailed_customer_at"])
+        # ADMINS entries are (name, address) pairs (plain addresses from Django 6.0 on).
+        business = [entry if isinstance(entry, str) else entry[1] for entry in settings.ADMINS]
+        if to_business and business and alert.emailed_business_at is None:
+            sent += send_mail(f"{alert.customer.name} ({alert.customer.external_id}): {subject}", body,
+                              settings.DEFAULT_FROM_EMAIL, business)
+            alert.emailed_business_at = now
+            alert.save(update_fields=["emailed_business_at"])
+        return sent
 
 
 def alert_message(alert: Alert) -> tuple[str, str]:

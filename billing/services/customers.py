@@ -124,7 +124,7 @@ def open_periods(*, subscription: Subscription, until: datetime, last=_UNREAD) -
             grant_credits(
                 customer=subscription.customer, credits=plan.included_credits,
                 source=CreditGrant.Source.PLAN_ALLOCATION, effective_at=period.start, expires_at=period.end,
-                period=period, idempotency_key=f"included:period:{period.pk}",
+                period=period, idempotency_key=f"included:period:{period.pk}", new=True,  # period just created
                 description=f"Included in {plan.name}", now=period.start,
                 # The base fee pays for the included credits (revenue is recognised
                 # as they are used; the rest at expiry).

@@ -255,7 +255,7 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
     for grant in included:  # one rollover grant per source grant: each debit has its receiver
         if left <= ZERO:
             break
-        taken = expire_grant(grant=grant, customer=customer, at=period.end, credits=left,
+        taken = expire_grant(grant=grant, customer=customer, at=period.end, credits=left, current=True,
                              kind=LedgerEntry.Kind.ROLLOVER,
                              note=f"Rolled over into the period starting {next_period.start:%Y-%m-%d}")
         if taken <= ZERO:
@@ -265,14 +265,15 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
             expires_at=next_period.end, period=next_period, idempotency_key=f"rollover:grant:{grant.pk}",
             description=f"Rolled over from {period.start:%Y-%m-%d}–{period.end:%Y-%m-%d}",
             cost=grant.cost * taken / grant.credits if grant.credits else ZERO, currency=plan.currency, now=now,
-            entry_kind=LedgerEntry.Kind.ROLLOVER,
+            entry_kind=LedgerEntry.Kind.ROLLOVER, new=True,  # this period closes once: no rollover of it yet
         )
         left -= taken
     for grant in included:
         if grant.remaining > ZERO:  # expire_grant keeps `remaining` current in memory
-            expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired")
+            expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired",
+                         current=True)
     for grant in expired_with_period:
-        expire_grant(grant=grant, customer=customer, at=grant.expires_at)
+        expire_grant(grant=grant, customer=customer, at=grant.expires_at, current=True)
 
 
 def _close_period(period_id: int, now: datetime, skip_grace: bool,

@@ -46,14 +46,16 @@ def grant_credits(*, customer: Customer, credits: Decimal, source: str, effectiv
                   idempotency_key: str | None = None, features=(), description: str = "",
                   pack=None, cost: Decimal = ZERO, currency: str = "", now: datetime,
                   entry_kind: str = LedgerEntry.Kind.GRANT, created_by=None, created_by_api_key=None,
-                  reason: str = "") -> CreditGrant:
+                  reason: str = "", new: bool = False) -> CreditGrant:
     """Add a bucket of credits and its entry (`grant`, or `rollover` for credits carried
     into a new period). The caller holds the customer's lock. With an idempotency key,
     a repeat returns the first grant unchanged. `created_by` (a user) or
-    `created_by_api_key` and `reason` record who asked for a manual grant and why."""
+    `created_by_api_key` and `reason` record who asked for a manual grant and why.
+    `new=True` skips the lookup for a key that cannot exist yet (it names something the
+    caller just created); the unique (customer, key) constraint still refuses a repeat."""
     if credits <= ZERO:
         raise ValueError("a grant must add a positive number of credits")
-    if idempotency_key:
+    if idempotency_key and not new:
         existing = CreditGrant.objects.filter(customer=customer, idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing
@@ -492,11 +494,14 @@ def expire_credit_grants(*, now: datetime) -> int:
 
 
 def expire_grant(*, grant: CreditGrant, customer: Customer, at: datetime, note: str = "Expired",
-                 credits: Decimal | None = None, kind: str = LedgerEntry.Kind.EXPIRE) -> Decimal:
+                 credits: Decimal | None = None, kind: str = LedgerEntry.Kind.EXPIRE,
+                 current: bool = False) -> Decimal:
     """Take `credits` (default: all remaining) out of a grant with an `expire` entry, or
-    a `rollover` entry when they are carried into a new grant. Caller holds the lock.
-    Returns the credits taken."""
-    grant.refresh_from_db(fields=["remaining"])
+    a `rollover` entry when they are carried into a new grant. Caller holds the lock;
+    `current=True` when the grant was read under it in this transaction (its `remaining`
+    is then up to date: this function keeps it so). Returns the credits taken."""
+    if not current:
+        grant.refresh_from_db(fields=["remaining"])
     taken = grant.remaining if credits is None else min(credits, grant.remaining)
     if taken <= ZERO:
         return ZERO

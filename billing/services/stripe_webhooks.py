@@ -17,6 +17,7 @@ from datetime import datetime
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from billing.models import AutoTopUp, CreditPurchase, Customer, Invoice, Notification, StripeEventReceipt
 from billing.services.purchases import complete_purchase
@@ -152,13 +153,18 @@ def notify(customer: Customer, *, title: str, body: str, now: datetime) -> None:
 
 
 def email_notification(notification_id: int) -> int:
-    """Email a notification to its customer; returns the number of messages sent. An
-    SMTP failure raises, so the task retries it (as alert emails are)."""
-    notification = Notification.objects.select_related("customer").get(pk=notification_id)
-    if not notification.customer.email:
-        return 0
-    return send_mail(notification.title, notification.body, settings.DEFAULT_FROM_EMAIL,
-                     [notification.customer.email])
+    """Email a notification to its customer, once (recorded under the row's lock, as
+    alert emails are); returns the number of messages sent. An SMTP failure raises, so
+    the task retries it."""
+    with transaction.atomic():
+        notification = Notification.objects.select_for_update().select_related("customer").get(pk=notification_id)
+        if not notification.customer.email or notification.emailed_at is not None:
+            return 0
+        sent = send_mail(notification.title, notification.body, settings.DEFAULT_FROM_EMAIL,
+                         [notification.customer.email])
+        notification.emailed_at = timezone.now()
+        notification.save(update_fields=["emailed_at"])
+        return sent
 
 
 HANDLERS = {

@@ -93,7 +93,7 @@ def test_promotional_grant_is_idempotent_by_key_and_scoped_to_features(api):
     FeatureFactory(code="gpt-4o")
     make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
     body = {"credits": "1000", "source": "promotional", "features": ["embedding"], "idempotency_key": "welcome",
-            "expires_at": "2026-06-30T00:00:00Z"}
+            "expires_at": "2026-06-30T00:00:00Z", "reason": "Welcome offer"}
 
     first = api.post("/api/v1/customers/acme/grants", body, format="json")
     again = api.post("/api/v1/customers/acme/grants", body, format="json")
@@ -118,7 +118,7 @@ def test_feature_scoped_grant_serves_only_its_features(api):
     FeatureFactory(code="gpt-4o")
     make_customer(pro_plan(included_credits=Decimal("0")), started_at=utc(2026, 5, 1), external_id="acme")
     api.post("/api/v1/customers/acme/grants", {"credits": "100", "features": ["embedding"],
-                                               "idempotency_key": "promo"}, format="json")
+                                               "idempotency_key": "promo", "reason": "Promotion"}, format="json")
 
     gpt = api.post("/api/v1/events", {"id": "e1", "customer": "acme", "feature": "gpt-4o", "quantity": 10},
                    format="json").json()
@@ -164,7 +164,7 @@ def test_customer_detail_shows_the_period_containing_now_even_after_a_quiet_spel
 
 def test_retrying_a_grant_after_its_expiry_passed_is_still_a_repeat(api):
     make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
-    body = {"credits": "100", "expires_at": "2026-05-10T10:00:00Z", "idempotency_key": "k1"}
+    body = {"credits": "100", "expires_at": "2026-05-10T10:00:00Z", "idempotency_key": "k1", "reason": "Goodwill"}
 
     with time_machine.travel(utc(2026, 5, 10, 9), tick=False):
         first = api.post("/api/v1/customers/acme/grants", body, format="json")

@@ -18,7 +18,9 @@ from decimal import Decimal
 
 import pytest
 import schemathesis
+from django.core import signals
 from django.core.wsgi import get_wsgi_application
+from django.db import close_old_connections
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -39,15 +41,28 @@ CONFIG = schemathesis.config.SchemathesisConfig.from_dict({"checks": {
     # express (the plan must exist, the timestamp must fall in an open period): 422.
     "positive_data_acceptance": {"expected-statuses": ["2xx", 401, 403, 404, 409, 422, 429]},
 }, "operations": [
-    # …and two rules are checked by the serializer (400 invalid, a contract the tests in
-    # test_errors.py hold): a customer's started_at is not in the future, nor years
-    # back; a plan's tiers rise and the last is open-ended.
+    # …and three rules answer 400 (contracts the tests in test_errors.py and
+    # test_grant_audit.py hold): a customer's started_at is not in the future, nor years
+    # back; a plan's tiers rise and the last is open-ended; a grant says why (a reason
+    # or a description).
     {"include-path": path, "include-method": "POST",
      "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", 400, 401, 403, 404, 409, 422, 429]}}}
-    for path in ("/api/v1/customers", "/api/v1/plans")
+    for path in ("/api/v1/customers", "/api/v1/plans", "/api/v1/customers/{external_id}/grants")
 ]})
 schema = schemathesis.openapi.from_wsgi("/api/schema/", get_wsgi_application(), config=CONFIG).include(
     path_regex=r"^/api/v1/")
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_test_connection():
+    """Calling the WSGI app directly fires request_started/finished, whose
+    close_old_connections closes the test transaction's connection on PostgreSQL
+    (Django's test client disconnects it the same way)."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
 
 
 @pytest.fixture

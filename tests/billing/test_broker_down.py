@@ -1,7 +1,6 @@
 """The broker (Redis) down: a write's follow-up tasks are kept in the database and sent
 once it is back (billing.services.commit_hooks); the write itself is not held up."""
 
-import os
 import time
 from decimal import Decimal
 
@@ -13,21 +12,17 @@ from celery import Celery
 from billing.models import DeferredTask, UsageEvent
 from billing.services import commit_hooks
 from billing.services.commit_hooks import requeue_deferred_tasks, send_task
+from tests.redis_support import redis_up, redis_url
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/9"
+REDIS_URL = redis_url(9)
 NOWHERE = "redis://127.0.0.1:1/0"  # nothing listens there
 NOW = utc(2026, 5, 10, 9)
 
 
-def redis_up() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        return False
 
-
-pytestmark = [pytest.mark.django_db, pytest.mark.skipif(not redis_up(), reason="needs Redis on 127.0.0.1:6379")]
+pytestmark = [pytest.mark.django_db,
+              pytest.mark.skipif(not redis_up(REDIS_URL), reason="needs Redis on 127.0.0.1:6379")]
 
 
 @pytest.fixture(autouse=True)
@@ -96,14 +91,14 @@ def test_an_event_is_recorded_with_the_broker_down_and_its_alert_check_kept(api,
     make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
     saved = app.conf.task_always_eager, app.conf.broker_url
     app.conf.task_always_eager, app.conf.broker_url = False, NOWHERE
-    app._pool = None
+    app._pool = app.amqp._producer_pool = None  # connections built for the old URL are not reused
     try:
         with django_capture_on_commit_callbacks(execute=True):
             response = api.post("/api/v1/events", {"id": "e1", "customer": "acme", "feature": "gpt-4o",
                                                    "quantity": "600"}, format="json")  # 60 % of 10 000
     finally:
         app.conf.task_always_eager, app.conf.broker_url = saved
-        app._pool = None
+        app._pool = app.amqp._producer_pool = None
     assert response.status_code == 201, response.content
     assert UsageEvent.objects.filter(event_id="e1").count() == 1
     assert list(DeferredTask.objects.values_list("task", flat=True)) == ["billing.tasks.check_alerts_task"]

@@ -12,7 +12,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 from django.conf import settings
 from django.db import connection
@@ -20,22 +19,17 @@ from django.utils import timezone
 
 from billing.models import BillingPeriod, Invoice
 from billing.services.metering import EventInput, record_event
+from tests.redis_support import redis_up, redis_url
 from tests.factories import FeatureFactory, make_customer, pro_plan
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
+REDIS_URL = redis_url(13)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
-def redis_up() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        return False
 
-
-@pytest.mark.skipif(not redis_up(), reason="needs Redis on 127.0.0.1:6379")
+@pytest.mark.skipif(not redis_up(REDIS_URL), reason="needs Redis on 127.0.0.1:6379")
 def test_a_celery_worker_on_redis_runs_the_scheduled_close():
     # Periods that ended well over the grace window ago, in real time (the worker's clock).
     now = timezone.now()

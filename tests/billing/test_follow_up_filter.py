@@ -10,6 +10,7 @@ import pytest
 import time_machine
 
 from billing.models import Alert
+from billing.services.commit_hooks import send_task
 from billing.services.metering import EventInput, record_event
 from billing.services.purchases import auto_topup_configure
 from plans.models import CreditPack
@@ -24,8 +25,12 @@ def queued(callbacks) -> list[str]:
     names = []
     for callback in callbacks:
         cells = dict(zip(callback.__code__.co_freevars, (c.cell_contents for c in callback.__closure__ or ())))
-        func = cells.get("func")
-        names.append(getattr(getattr(func, "__self__", None), "name", getattr(func, "__name__", "?")).rsplit(".", 1)[-1])
+        func, args = cells.get("func"), cells.get("args", ())
+        if func is send_task:  # enqueue(task, …): the task is its first argument
+            names.append(args[0].name.rsplit(".", 1)[-1])
+        else:
+            names.append(getattr(getattr(func, "__self__", None), "name", getattr(func, "__name__", "?"))
+                         .rsplit(".", 1)[-1])
     return names
 
 

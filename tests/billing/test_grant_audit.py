@@ -111,8 +111,6 @@ def test_grants_overage_makes_itself_have_no_operator(customer):
     assert included.granted_by == "Overage"
 
 
-@pytest.mark.xfail(strict=True, reason="needs billing/api/views.py and serializers.py to pass and show "
-                                       "created_by/reason (owned by another engineer; see the access-control report)")
 @time_machine.travel(NOW, tick=False)
 def test_an_api_grant_records_its_key_and_reason_and_answers_with_them(customer):
     from rest_framework.test import APIClient

@@ -82,9 +82,6 @@ def test_an_alert_check_delivered_after_the_close_fires_nothing(acme, django_cap
     assert not Alert.objects.exists() and mail.outbox == []
 
 
-@pytest.mark.xfail(strict=True, reason="send_alert_email keeps no record of a sent email: a redelivered task "
-                                       "emails the customer again (reported; alerts.py and models.py are being "
-                                       "changed by another engineer)")
 @time_machine.travel(NOW, tick=False)
 def test_an_alert_email_task_delivered_twice_sends_one_email(acme, django_capture_on_commit_callbacks):
     period = BillingPeriod.objects.get(customer=acme)
@@ -109,7 +106,6 @@ class RefusingBackend:
         raise ConnectionRefusedError("SMTP server down")
 
 
-@pytest.mark.xfail(strict=True, reason="as above: the second delivery emails again")
 @time_machine.travel(NOW, tick=False)
 def test_an_alert_email_that_failed_is_sent_by_the_retry_once(acme, settings):
     period = BillingPeriod.objects.get(customer=acme)

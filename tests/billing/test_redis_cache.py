@@ -2,28 +2,21 @@
 positions stay right, and the process keeps one redis-py client per pool instead of
 building one per call."""
 
-import os
-
-import pytest
-import redis
-import time_machine
 from decimal import Decimal
 
+import pytest
+import time_machine
 from django.core.cache import caches
 
 from tests.billing.test_positions import NOW, acme, check, event  # noqa: F401 - fixture
+from tests.redis_support import redis_up, redis_url
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/14"
-
-
-def redis_up() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        return False
+REDIS_URL = redis_url(14)
 
 
-pytestmark = [pytest.mark.django_db, pytest.mark.skipif(not redis_up(), reason="needs Redis on 127.0.0.1:6379")]
+
+pytestmark = [pytest.mark.django_db,
+              pytest.mark.skipif(not redis_up(REDIS_URL), reason="needs Redis on 127.0.0.1:6379")]
 
 
 @pytest.fixture
