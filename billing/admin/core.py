@@ -17,7 +17,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.models import (
-    Alert, ApiKey, BillingPeriod, CreditGrant, Customer, CustomerMember, Invoice, LedgerEntry, Notification,
+    Alert, ApiKey, BillingPeriod, CreditGrant, Customer, CustomerMember, DeferredTask, Invoice, LedgerEntry,
+    Notification,
     Reservation, Subscription,
     UsageEvent,
 )
@@ -511,3 +512,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
             revoked += 1
         self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
 
+
+@admin.register(DeferredTask)
+class DeferredTaskAdmin(ReadOnlyAdmin):
+    """Follow-up tasks waiting for the broker (Redis) to come back; the beat sends them
+    within a minute of its return. A growing list here means the broker is still down."""
+
+    list_display = ("id", "task", "args", "created_at")
+    list_filter = ("task",)

@@ -102,3 +102,12 @@ def test_an_event_is_recorded_with_the_broker_down_and_its_alert_check_kept(api,
     assert response.status_code == 201, response.content
     assert UsageEvent.objects.filter(event_id="e1").count() == 1
     assert list(DeferredTask.objects.values_list("task", flat=True)) == ["billing.tasks.check_alerts_task"]
+
+
+def test_the_admin_lists_the_tasks_waiting_for_the_broker(admin_client):
+    from django.urls import reverse
+
+    DeferredTask.objects.create(task="billing.tasks.check_alerts_task", args=[1, 2, None])
+    response = admin_client.get(reverse("admin:billing_deferredtask_changelist"))
+    assert response.status_code == 200
+    assert b"billing.tasks.check_alerts_task" in response.content and b"[1, 2, None]" in response.content
