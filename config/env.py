@@ -5,6 +5,8 @@ silently misread setting.
 """
 
 import os
+import re
+from functools import lru_cache
 from urllib.parse import parse_qs, unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
@@ -37,6 +39,37 @@ def env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from None
+
+
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
+               "d": 86400, "day": 86400}
+_RATE = re.compile(rf"([1-9][0-9]*)/([1-9][0-9]*)?({'|'.join(_RATE_UNITS)})")
+
+
+@lru_cache(maxsize=64)  # read on every throttled API request: parse each setting once
+def parse_rate(rate: str | None) -> tuple[int, int] | None:
+    """'6000/min' → (6000, 60), '100/10s' → (100, 10); None, '', 'off' or 'none' → None
+    (no limit). Raises ValueError on anything else."""
+    if rate is None or rate.strip().lower() in ("", "off", "none"):
+        return None
+    match = _RATE.fullmatch(rate.strip())
+    if match is None:
+        raise ValueError(f"a rate is 'N/s', 'N/min', 'N/h' or 'N/day' (or 'off'), got {rate!r}")
+    count, multiple, unit = match.groups()
+    return int(count), _RATE_UNITS[unit] * int(multiple or 1)
+
+
+def env_rate(name: str, default: str) -> str:
+    """A request rate such as '6000/min' (see `parse_rate`), or 'off'; an empty or
+    mistyped value stops the start rather than the limit."""
+    value = env_str(name, default).strip()
+    try:
+        if not value:
+            raise ValueError(value)
+        parse_rate(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a rate such as '6000/min' or 'off', got {value!r}") from None
+    return value
 
 
 def env_list(name: str, default: list[str]) -> list[str]:

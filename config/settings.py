@@ -1,13 +1,12 @@
 """Overage settings. Everything that differs between a laptop and production comes
 from the environment; the defaults give the embedded mode (SQLite, in-process tasks)."""
 
-import re
 from decimal import Decimal
 from pathlib import Path
 
 import dj_database_url
 
-from .env import email_settings_from_url, env_bool, env_int, env_list, env_str
+from .env import email_settings_from_url, env_bool, env_int, env_list, env_rate, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -191,26 +190,15 @@ REST_FRAMEWORK = {
 }
 
 
-def _rate(name: str, default: str) -> str:
-    """A request rate such as '6000/min' ('N/s', 'N/min', 'N/h', 'N/day', 'N/10s'), or
-    'off'; anything else stops the start (billing/api/throttling.py parses it)."""
-    value = env_str(name, default).strip()
-    if not re.fullmatch(r"(?i:off|none)|[1-9][0-9]*/[0-9]*(s|sec|second|m|min|minute|h|hour|d|day)", value):
-        from django.core.exceptions import ImproperlyConfigured
-
-        raise ImproperlyConfigured(f"{name} must be a rate such as '6000/min' or 'off', got {value!r}")
-    return value
-
-
 # Requests per API key to the endpoints of each scope (a batch of 1 000 events is one
 # request). Ingestion is the product's hot path and gets the most room; admin writes
 # (plans, customers, grants) the least, as a leaked admin key is the costliest. Counted
 # in the cache: Redis in production, so the limit holds across web processes; without
 # Redis per process. If the cache is unreachable, requests are let through (and logged).
 OVERAGE_API_RATES = {
-    "ingest": _rate("OVERAGE_RATE_INGEST", "120000/min"),
-    "read": _rate("OVERAGE_RATE_READ", "6000/min"),
-    "admin": _rate("OVERAGE_RATE_ADMIN", "600/min"),
+    "ingest": env_rate("OVERAGE_RATE_INGEST", "120000/min"),
+    "read": env_rate("OVERAGE_RATE_READ", "6000/min"),
+    "admin": env_rate("OVERAGE_RATE_ADMIN", "600/min"),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Overage API",

@@ -24,25 +24,9 @@ from django.core.cache import cache
 from rest_framework.throttling import BaseThrottle
 
 from billing.models import ApiKey
+from config.env import parse_rate
 
 logger = logging.getLogger(__name__)
-
-_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
-            "d": 86400, "day": 86400}
-
-
-def parse_rate(rate: str | None) -> tuple[int, int] | None:
-    """'6000/min' → (6000, 60); None or '' or 'off' → None (no limit). Raises ValueError
-    on anything else, so a mistyped setting stops the start rather than the limit."""
-    if rate is None or rate.strip().lower() in ("", "off", "none"):
-        return None
-    count, _, period = rate.strip().partition("/")
-    multiple, unit = "", period
-    while unit[:1].isdigit():  # '100/10s'
-        multiple, unit = multiple + unit[0], unit[1:]
-    if not count.isdigit() or unit not in _PERIODS or int(count) < 1:
-        raise ValueError(f"a rate is 'N/s', 'N/min', 'N/h' or 'N/day' (or 'off'), got {rate!r}")
-    return int(count), _PERIODS[unit] * int(multiple or 1)
 
 
 class ApiKeyRateThrottle(BaseThrottle):

@@ -23,8 +23,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 from django.db.models import Sum
+from django.utils import timezone
 
 from billing.models import (
     Alert, AlertPreference, BillingPeriod, CreditGrant, Customer, LedgerEntry, Notification, Subscription,

@@ -487,8 +487,8 @@ def expire_credit_grants(*, now: datetime) -> int:
             grants = CreditGrant.objects.filter(
                 customer=customer, expires_at__lte=cutoff, remaining__gt=0
             ).exclude(source=CreditGrant.Source.PLAN_ALLOCATION)
-            for grant in grants:
-                expire_grant(grant=grant, customer=customer, at=grant.expires_at)
+            for grant in grants:  # read under the lock just now
+                expire_grant(grant=grant, customer=customer, at=grant.expires_at, current=True)
                 expired += 1
     return expired
 

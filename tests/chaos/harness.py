@@ -31,6 +31,8 @@ import redis
 from celery import Celery
 from django.db import connection
 
+from tests import redis_support
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
@@ -99,10 +101,7 @@ def pg_up() -> bool:
 
 
 def redis_up() -> bool:
-    try:
-        return bool(redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    return redis_support.redis_up(BROKER_URL)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float, interval: float = 0.2) -> None:
