@@ -3,6 +3,7 @@ DESIGN.md: extend freely, rename never)."""
 
 import json
 import math
+from datetime import datetime, timezone as dt_timezone
 from decimal import Decimal
 
 from django.conf import settings
@@ -182,6 +183,68 @@ class EventSerializer(serializers.Serializer):
     reservation_id = serializers.UUIDField(required=False, help_text="Settles this reservation.")
 
 
+_EVENT = EventSerializer()
+_EVENT_TEXT = (("id", 255), ("customer", 255), ("feature", 64))
+_EVENT_FIELDS = _EVENT.fields
+
+
+def validated_event(item) -> dict:
+    """`EventSerializer().run_validation(item)`, with the common case checked directly:
+    a batch validates up to 1 000 events and the serializer's machinery cost a fifth of
+    ingesting them. An item the shortcut is not sure of (non-ASCII text, surrounding
+    spaces, nested properties, any field that fails) goes through the serializer, so the
+    answer, and every error, is the serializer's. A property test holds the two equal."""
+    if type(item) is dict:
+        data = _plain_event(item)
+        if data is not None:
+            return data
+    return _EVENT.run_validation(item)
+
+
+def _plain_event(item: dict) -> dict | None:
+    data = {}
+    for name, limit in _EVENT_TEXT:
+        value = item.get(name)
+        if (type(value) is not str or not 0 < len(value) <= limit or not value.isascii() or "\x00" in value
+                or value.strip() != value):
+            return None
+        data[name] = value
+    if "quantity" not in item:
+        return None
+    properties = item.get("properties", {})
+    if type(properties) is not dict or not _flat_json(properties):
+        return None
+    try:
+        data["quantity"] = _EVENT_FIELDS["quantity"].run_validation(item["quantity"])
+        if "timestamp" in item:
+            data["timestamp"] = _EVENT_FIELDS["timestamp"].run_validation(item["timestamp"])
+        if properties and len(json.dumps(properties, separators=(",", ":"))) > MAX_PROPERTIES_BYTES:
+            return None
+        data["properties"] = dict(properties)
+        if "reservation_id" in item:
+            data["reservation_id"] = _EVENT_FIELDS["reservation_id"].run_validation(item["reservation_id"])
+    except serializers.ValidationError:
+        return None
+    return data
+
+
+def _flat_json(properties: dict) -> bool:
+    """Text keys and scalar values that `PropertiesField` would keep as they are."""
+    for key, value in properties.items():
+        if type(key) is not str or "\x00" in key:
+            return False
+        kind = type(value)
+        if kind is str:
+            if "\x00" in value:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind not in (int, bool) and value is not None:
+            return False
+    return True
+
+
 class EventResultSerializer(serializers.Serializer):
     id = serializers.CharField(source="event_id")
     customer = serializers.CharField(source="customer.external_id")
@@ -204,7 +267,12 @@ class EventResultSerializer(serializers.Serializer):
         return data
 
 
-_TIMESTAMP = serializers.DateTimeField()
+def timestamp_string(value: datetime) -> str:
+    """`serializers.DateTimeField().to_representation(value)` for an aware datetime: in
+    UTC (the API's only time zone), "Z" for "+00:00". DRF's looks up the active time zone
+    on every call, a sixth of a batch answer's cost."""
+    text = value.astimezone(dt_timezone.utc).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def event_result(event: UsageEvent) -> dict:
@@ -218,8 +286,8 @@ def event_result(event: UsageEvent) -> dict:
         "quantity": decimal_string(Decimal(event.quantity)),
         "credits": decimal_string(Decimal(event.credits)),
         "overage_credits": decimal_string(Decimal(event.overage_credits)),
-        "timestamp": _TIMESTAMP.to_representation(event.timestamp),
-        "received_at": _TIMESTAMP.to_representation(event.received_at),
+        "timestamp": timestamp_string(event.timestamp),
+        "received_at": timestamp_string(event.received_at),
         "properties": {str(key): value for key, value in event.properties.items()},
         "status": event.status,
         "reason": event.reject_reason or None,

@@ -1,12 +1,15 @@
 """The batch and single-event endpoints answer with `event_result`, a direct build of
 `EventResultSerializer`'s output (the schema): the two must never drift apart."""
 
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
+from rest_framework import serializers
 
-from billing.api.serializers import EventResultSerializer, event_result
+from billing.api.serializers import EventResultSerializer, event_result, timestamp_string
 from billing.models import UsageEvent
 from billing.services.entitlements import check_entitlement
 from billing.services.metering import EventInput, record_event
@@ -40,3 +43,13 @@ def test_event_result_equals_the_serializer_for_accepted_rejected_and_reserved_e
         assert event_result(event) == EventResultSerializer(event).data
     assert event_result(events[2])["reason"] == "insufficient_credits"
     assert event_result(events[1])["reservation_id"] == str(hold.pk)
+
+
+@pytest.mark.parametrize("value", [
+    utc(2026, 5, 10, 12, 30, 15), utc(2026, 5, 9, 8, 0, 0, 123456), utc(1999, 12, 31, 23, 59, 59, 1),
+    datetime(2026, 3, 29, 2, 30, tzinfo=ZoneInfo("Europe/Paris")),
+    datetime(2026, 11, 1, 1, 30, 0, 500, tzinfo=ZoneInfo("America/New_York")),
+    datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=5, minutes=45))),
+])
+def test_timestamp_string_equals_drf_for_any_offset(value):
+    assert timestamp_string(value) == serializers.DateTimeField().to_representation(value)

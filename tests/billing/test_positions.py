@@ -8,12 +8,13 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from django.core.cache import cache
 
 from billing.models import Customer
 from billing.services.entitlements import check_entitlement
 from billing.services.ledger import grant_credits_once
 from billing.services.metering import EventInput, record_event
-from billing.services.positions import _build
+from billing.services.positions import POSITION_KEY, _build
 from plans.models import Feature, FeatureCost
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
 
@@ -56,6 +57,18 @@ def test_a_repeated_check_reads_nothing_from_the_database(acme, django_assert_nu
     with django_assert_num_queries(0):
         again = check()
     assert again == first and first.credits_remaining == Decimal("10000")
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_process_reuses_its_own_copy_while_the_tokens_match(acme, django_assert_num_queries):
+    """The shared copy gone (evicted, or never written by this process), the process's
+    own copy still answers; a write renews the token and the copy is not used again."""
+    first = check()
+    cache.delete(POSITION_KEY.format("acme"))
+    with django_assert_num_queries(0):
+        assert check() == first
+    event("e1", "999")
+    assert check().credits_remaining == Decimal("10")
 
 
 @time_machine.travel(NOW, tick=False)
