@@ -23,7 +23,7 @@ from billing.models import AutoTopUp, BillingPeriod, Customer, Reservation, Subs
 from billing.periods import as_utc
 from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_percent
 from billing.services.customers import open_periods
-from billing.services.ledger import CustomerLedger
+from billing.services.ledger import CustomerLedger, new_row
 from billing.services.locks import lock_customers
 from billing.services.commit_hooks import enqueue
 from plans.models import Feature, FeatureCost
@@ -238,9 +238,9 @@ def _decide_customer_events(customer: Customer, subscription: Subscription | Non
         credits = quantize_credits(item.quantity * per_unit[(period.plan_id, feature.pk)])
         holding = reservation is not None and reservation.is_holding(now)
         charge = ledger.plan_charge(period=period, feature=feature, credits=credits, at=timestamp,
-                                    reservation_id=reservation.pk if holding else None)
-        usage = UsageEvent(
-            customer=customer, event_id=item.event_id, feature=feature, quantity=item.quantity, credits=credits,
+                                    reservation_id=reservation.pk if holding else None, estimate_amount=False)
+        usage = new_row(
+            UsageEvent, customer=customer, event_id=item.event_id, feature=feature, quantity=item.quantity, credits=credits,
             overage_credits=charge.overage_credits if charge.allowed else 0, timestamp=timestamp, received_at=now,
             properties=item.properties, period=period, reservation=reservation, fingerprint=fingerprint,
             status=UsageEvent.Status.ACCEPTED if charge.allowed else UsageEvent.Status.REJECTED,

@@ -47,3 +47,39 @@ def test_a_batch_stores_every_field_and_links_entries_to_their_events():
                                              quantity=Decimal("1"), timestamp=NOW)], now=NOW)[0].event
     assert after.pk > stored[-1].pk
     assert UsageEvent.objects.get(pk=after.pk).event_id == "later"
+
+
+def _as_built(obj) -> tuple:
+    attributes = {name: value for name, value in obj.__dict__.items() if name != "_state"}
+    return type(obj), attributes, dict(obj._state.fields_cache), obj._state.adding, obj._state.db
+
+
+@time_machine.travel(NOW, tick=False)
+def test_new_row_builds_what_the_model_constructor_builds():
+    """The batch builds events and entries with `new_row`; a new field, default or
+    relation on either model must not make them differ from `Model(**values)`."""
+    from billing.services.ledger import new_row
+
+    feature = FeatureFactory(code="gpt-4o")
+    customer = make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
+    period = customer.periods.get()
+    grant = period.grants.get()
+    event_values = dict(customer=customer, event_id="e1", feature=feature, quantity=Decimal("2"), credits=Decimal("20"),
+                        overage_credits=Decimal("0"), timestamp=NOW, received_at=NOW, properties={"a": 1},
+                        period=period, reservation=None, fingerprint="f" * 64, status=UsageEvent.Status.ACCEPTED,
+                        reject_reason="")
+    event = UsageEvent(**event_values)
+    assert _as_built(new_row(UsageEvent, **event_values)) == _as_built(event)
+    for values in (
+        dict(customer=customer, kind=LedgerEntry.Kind.CONSUME, credits=Decimal("-20"), grant=grant, period=period,
+             event=event, feature=feature, effective_at=NOW),
+        dict(customer=customer, kind=LedgerEntry.Kind.OVERAGE, credits=Decimal("-5"), period=period, event=event,
+             feature=feature, effective_at=NOW),
+        dict(customer=customer, kind=LedgerEntry.Kind.GRANT, credits=Decimal("5")),
+    ):
+        assert _as_built(new_row(LedgerEntry, **values)) == _as_built(LedgerEntry(**values))
+    # Defaults built per object, never shared (UsageEvent.properties defaults to a new dict).
+    first, second = (new_row(UsageEvent, event_id=f"x{i}") for i in range(2))
+    assert first.properties == {} and first.properties is not second.properties
+    with pytest.raises(TypeError):
+        new_row(LedgerEntry, credit=Decimal("1"))
