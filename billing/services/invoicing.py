@@ -11,7 +11,8 @@ invoice is built by the same `build_close_invoice`, without saving it.
 A close run starts from the oldest due period of each subscription (`due_period_ids`)
 and closes the later ones after it, in order. Beat fans those periods out to the
 workers in chunks (`tasks.close_due_periods_task`); `close_due_periods` runs the same
-chunks in one process (`manage.py close_periods`).
+chunks in one process (`manage.py close_periods`). A chunk closes its periods a few
+dozen per transaction with the same rules (`closing.py`), and one by one what it cannot.
 """
 
 import logging
@@ -107,18 +108,26 @@ def overage_line(period: BillingPeriod, *, upto: Decimal | None = None) -> Draft
     what earlier (progressive) lines already invoiced. Without a plan change in between
     that is exactly the band's price; after an upgrade it still makes the invoices of a
     period add up to the price of the whole at the plan it closes on (never below 0)."""
-    plan = period.plan
     end = period.overage_credits if upto is None else upto
     if end <= ZERO:
         return None  # nothing to bill, whatever was billed before: no query
     start, invoiced = overage_billed(period)
     if end <= start:
         return None
-    tiers = list(plan.overage_tiers.all())  # once for both prices below
-    band = price_overage_band(plan, start, end, tiers=tiers)
-    amount = max(price_overage(plan, end, tiers=tiers).amount - invoiced, ZERO)
     through_entry_id = LedgerEntry.objects.filter(period=period, kind=LedgerEntry.Kind.OVERAGE).aggregate(
         last=Max("id"))["last"]
+    return priced_overage_line(period, start=start, end=end, invoiced=invoiced, through_entry_id=through_entry_id,
+                               tiers=list(period.plan.overage_tiers.all()))
+
+
+def priced_overage_line(period: BillingPeriod, *, start: Decimal, end: Decimal, invoiced: Decimal,
+                        through_entry_id: int | None, tiers: list) -> DraftLine:
+    """The overage line of `period` for its overage credits from `start` to `end`, when
+    `invoiced` money of its overage is on invoices already; no query (`overage_line`
+    reads the figures one period at a time, the chunk close for many at once)."""
+    plan = period.plan
+    band = price_overage_band(plan, start, end, tiers=tiers)
+    amount = max(price_overage(plan, end, tiers=tiers).amount - invoiced, ZERO)
     flat = len({tier.unit_price for tier in band.tiers}) == 1
     if not plan.overage_enabled:
         description = f"Usage beyond the plan's credits, not billed: {format_credits(band.credits)} credits"
@@ -151,13 +160,15 @@ def next_period_terms(period: BillingPeriod) -> tuple[Plan, datetime, datetime] 
 _UNKNOWN = object()
 
 
-def build_close_invoice(period: BillingPeriod, *, next_period=_UNKNOWN) -> DraftInvoice:
+def build_close_invoice(period: BillingPeriod, *, next_period=_UNKNOWN, overage=_UNKNOWN) -> DraftInvoice:
     """What closing `period` bills: its remaining overage, and the next period's base fee
     in advance. The real close and the upcoming invoice both use this. The close passes
-    the `next_period` it holds (None: the subscription ends), sparing a query."""
+    the `next_period` it holds (None: the subscription ends), sparing a query; the chunk
+    close also passes the `overage` line (or None) it priced from figures read for the
+    whole chunk."""
     draft = DraftInvoice(customer=period.customer, kind=Invoice.Kind.PERIOD_CLOSE, currency=period.plan.currency,
                          subscription=period.subscription, period=period)
-    line = overage_line(period)
+    line = overage_line(period) if overage is _UNKNOWN else overage
     if line is not None:
         draft.lines.append(line)
     if next_period is _UNKNOWN:
@@ -176,39 +187,56 @@ def build_close_invoice(period: BillingPeriod, *, next_period=_UNKNOWN) -> Draft
 def next_invoice_number() -> str:
     """The next number of the gap-free sequence. The UPDATE locks the sequence's row until
     the caller's transaction ends, so every invoice writer queues here: take the number
-    as late as possible in the transaction. One statement (UPDATE … RETURNING, PostgreSQL
-    and SQLite ≥ 3.35 alike) instead of a locking read and a write."""
+    as late as possible in the transaction."""
+    return next_invoice_numbers(1)[0]
+
+
+def next_invoice_numbers(count: int) -> list[str]:
+    """The next `count` numbers of the gap-free sequence, in order, in one statement
+    (UPDATE … RETURNING, PostgreSQL and SQLite ≥ 3.35 alike) instead of a locking read
+    and a write. Locks the sequence's row as `next_invoice_number` does."""
     table = InvoiceNumberSequence._meta.db_table
     with transaction.get_connection().cursor() as cursor:
-        cursor.execute(f"UPDATE {table} SET last_value = last_value + 1 WHERE name = %s RETURNING last_value",
-                       ["invoice"])
+        cursor.execute(f"UPDATE {table} SET last_value = last_value + %s WHERE name = %s RETURNING last_value",
+                       [count, "invoice"])
         row = cursor.fetchone()
-    if row is None:  # the very first invoice: create the row (a racing creator wins), then take a number
+    if row is None:  # the very first invoice: create the row (a racing creator wins), then take the numbers
         InvoiceNumberSequence.objects.get_or_create(name="invoice")
-        return next_invoice_number()
-    return f"{settings.OVERAGE_INVOICE_PREFIX}-{row[0]:06d}"
+        return next_invoice_numbers(count)
+    return [f"{settings.OVERAGE_INVOICE_PREFIX}-{value:06d}" for value in range(row[0] - count + 1, row[0] + 1)]
+
+
+def unsaved_invoice(draft: DraftInvoice, *, number: str, now: datetime, idempotency_key: str | None = None,
+                    paid: bool = False) -> tuple[Invoice, list[InvoiceLine]]:
+    """`draft` as an issued invoice (paid at once when it totals zero or `paid`) and its
+    lines, not yet saved: `issue_invoice` saves one, the chunk close many at once."""
+    total = draft.total
+    settled = paid or total == ZERO
+    invoice = Invoice(
+        number=number, customer=draft.customer, subscription=draft.subscription, period=draft.period,
+        kind=draft.kind, currency=draft.currency, total=total,
+        status=Invoice.Status.PAID if settled else Invoice.Status.ISSUED,
+        issued_at=now, due_at=now + timedelta(days=settings.OVERAGE_INVOICE_DUE_DAYS),
+        paid_at=now if settled else None, idempotency_key=idempotency_key,
+    )
+    lines = [
+        InvoiceLine(invoice=invoice, kind=line.kind, description=line.description[:255], credits=line.credits,
+                    unit_price=line.unit_price, amount=line.amount, service_start=line.service_start,
+                    service_end=line.service_end, period=line.period, overage_from=line.overage_from,
+                    overage_to=line.overage_to, through_entry_id=line.through_entry_id, tiers=line.tiers)
+        for line in draft.lines
+    ]
+    return invoice, lines
 
 
 def issue_invoice(draft: DraftInvoice, *, now: datetime, idempotency_key: str | None = None,
                   paid: bool = False) -> Invoice:
     """Write `draft` as an issued invoice (paid at once when it totals zero or `paid`)."""
     assert transaction.get_connection().in_atomic_block, "issue_invoice needs the caller's transaction"
-    total = draft.total
-    settled = paid or total == ZERO
-    invoice = Invoice.objects.create(
-        number=next_invoice_number(), customer=draft.customer, subscription=draft.subscription, period=draft.period,
-        kind=draft.kind, currency=draft.currency, total=total,
-        status=Invoice.Status.PAID if settled else Invoice.Status.ISSUED,
-        issued_at=now, due_at=now + timedelta(days=settings.OVERAGE_INVOICE_DUE_DAYS),
-        paid_at=now if settled else None, idempotency_key=idempotency_key,
-    )
-    InvoiceLine.objects.bulk_create(
-        InvoiceLine(invoice=invoice, kind=line.kind, description=line.description[:255], credits=line.credits,
-                    unit_price=line.unit_price, amount=line.amount, service_start=line.service_start,
-                    service_end=line.service_end, period=line.period, overage_from=line.overage_from,
-                    overage_to=line.overage_to, through_entry_id=line.through_entry_id, tiers=line.tiers)
-        for line in draft.lines
-    )
+    invoice, lines = unsaved_invoice(draft, number=next_invoice_number(), now=now, idempotency_key=idempotency_key,
+                                     paid=paid)
+    invoice.save(force_insert=True)
+    InvoiceLine.objects.bulk_create(lines)
     return invoice
 
 
@@ -224,16 +252,83 @@ def invoice_subscription_start(*, subscription: Subscription, period: BillingPer
 
 # --- Closing periods ----------------------------------------------------------------------
 
-def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod | None, now: datetime) -> None:
-    """Roll the closed period's unused included credits (all its plan_allocation grants,
-    prorated upgrade credits included) into the next period, as far as the plan allows
-    — the cap applies to the period's total — and expire the rest. Rolled-over credits
-    last one period and carry their share of the cost basis with them. Other credits
-    that expired with the period (e.g. earlier rollovers) leave the ledger now too.
+@dataclass
+class CreditMove:
+    """One step of settling a closed period's credits: `credits` taken out of `grant`
+    at `at`, expired, or (`rollover`) carried into a new grant of the next period."""
 
-    The caller holds the customer's lock, so the grants read here stay current: a
-    grant with nothing left is never touched (one query for all of them)."""
-    customer, plan = period.customer, period.plan
+    grant: CreditGrant
+    credits: Decimal
+    at: datetime
+    note: str
+    rollover: bool = False
+    # The rollover grant's terms: its description, and its share of the source grant's
+    # cost basis (revenue follows the credits).
+    rollover_description: str = ""
+    rollover_cost: Decimal = ZERO
+
+
+def grants_settled_at_close(grants, period: BillingPeriod) -> tuple[list[CreditGrant], list[CreditGrant]]:
+    """(the period's included grants, other grants that expired with it) among `grants`,
+    a customer's grants with credits left, oldest first."""
+    included_source = CreditGrant.Source.PLAN_ALLOCATION
+    included = [g for g in grants if g.source == included_source and g.period_id == period.pk]
+    expired_with_period = [g for g in grants if g.source != included_source and g.expires_at is not None
+                           and g.expires_at <= period.end]
+    return included, expired_with_period
+
+
+def included_credits_settlement(period: BillingPeriod, next_period: BillingPeriod | None, included: list,
+                                expired_with_period: list) -> list[CreditMove]:
+    """What closing `period` does with credits (`grants_settled_at_close`), in order: roll
+    the unused included credits (all its plan_allocation grants, prorated upgrade
+    credits included) into the next period, as far as the plan allows — the cap applies
+    to the period's total — and expire the rest. Rolled-over credits last one period and
+    carry their share of the cost basis with them. Other credits that expired with the
+    period (e.g. earlier rollovers) leave the ledger now too. Decides only: the close
+    of one period and the chunk close write the moves each their own way."""
+    plan = period.plan
+    remaining = {grant.pk: grant.remaining for grant in included}
+    unused = sum(remaining.values(), ZERO)
+    carry = ZERO
+    if next_period is not None and plan.rollover_policy == Plan.Rollover.ALL:
+        carry = unused
+    elif next_period is not None and plan.rollover_policy == Plan.Rollover.CAPPED:
+        carry = min(unused, plan.rollover_max_credits or ZERO)
+    moves, left = [], carry
+    for grant in included:  # one rollover grant per source grant: each debit has its receiver
+        if left <= ZERO:
+            break
+        taken = min(left, remaining[grant.pk])
+        if taken <= ZERO:
+            continue
+        moves.append(CreditMove(
+            grant=grant, credits=taken, at=period.end, rollover=True,
+            note=f"Rolled over into the period starting {next_period.start:%Y-%m-%d}",
+            rollover_description=f"Rolled over from {period.start:%Y-%m-%d}–{period.end:%Y-%m-%d}",
+            rollover_cost=grant.cost * taken / grant.credits if grant.credits else ZERO,
+        ))
+        remaining[grant.pk] -= taken
+        left -= taken
+    for grant in included:
+        if remaining[grant.pk] > ZERO:
+            moves.append(CreditMove(grant=grant, credits=remaining[grant.pk], at=period.end,
+                                    note="Unused included credits expired"))
+    for grant in expired_with_period:
+        moves.append(CreditMove(grant=grant, credits=grant.remaining, at=grant.expires_at, note="Expired"))
+    return moves
+
+
+def rollover_key(grant: CreditGrant) -> str:
+    """The idempotency key of the grant that carries `grant`'s credits into the next period."""
+    return f"rollover:grant:{grant.pk}"
+
+
+def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod | None, now: datetime) -> None:
+    """Write `included_credits_settlement` for one period. The caller holds the
+    customer's lock, so the grants read here stay current: a grant with nothing left is
+    never touched (one query for all of them)."""
+    customer = period.customer
     included_source = CreditGrant.Source.PLAN_ALLOCATION
     grants = list(
         CreditGrant.objects.filter(customer=customer, remaining__gt=0)
@@ -243,37 +338,19 @@ def _settle_included_credits(period: BillingPeriod, next_period: BillingPeriod |
     for grant in grants:
         if grant.period_id == period.pk:
             grant.period = period  # expire_grant files its entry under the grant's period: no query for it
-    included = [g for g in grants if g.source == included_source]
-    expired_with_period = [g for g in grants if g.source != included_source]
-    unused = sum((grant.remaining for grant in included), ZERO)
-    carry = ZERO
-    if next_period is not None and plan.rollover_policy == Plan.Rollover.ALL:
-        carry = unused
-    elif next_period is not None and plan.rollover_policy == Plan.Rollover.CAPPED:
-        carry = min(unused, plan.rollover_max_credits or ZERO)
-    left = carry
-    for grant in included:  # one rollover grant per source grant: each debit has its receiver
-        if left <= ZERO:
-            break
-        taken = expire_grant(grant=grant, customer=customer, at=period.end, credits=left, current=True,
-                             kind=LedgerEntry.Kind.ROLLOVER,
-                             note=f"Rolled over into the period starting {next_period.start:%Y-%m-%d}")
-        if taken <= ZERO:
+    for move in included_credits_settlement(period, next_period, *grants_settled_at_close(grants, period)):
+        if not move.rollover:
+            expire_grant(grant=move.grant, customer=customer, at=move.at, note=move.note, credits=move.credits,
+                         current=True)
             continue
+        taken = expire_grant(grant=move.grant, customer=customer, at=move.at, credits=move.credits, current=True,
+                             kind=LedgerEntry.Kind.ROLLOVER, note=move.note)
         grant_credits(
             customer=customer, credits=taken, source=CreditGrant.Source.ROLLOVER, effective_at=next_period.start,
-            expires_at=next_period.end, period=next_period, idempotency_key=f"rollover:grant:{grant.pk}",
-            description=f"Rolled over from {period.start:%Y-%m-%d}–{period.end:%Y-%m-%d}",
-            cost=grant.cost * taken / grant.credits if grant.credits else ZERO, currency=plan.currency, now=now,
+            expires_at=next_period.end, period=next_period, idempotency_key=rollover_key(move.grant),
+            description=move.rollover_description, cost=move.rollover_cost, currency=period.plan.currency, now=now,
             entry_kind=LedgerEntry.Kind.ROLLOVER, new=True,  # this period closes once: no rollover of it yet
         )
-        left -= taken
-    for grant in included:
-        if grant.remaining > ZERO:  # expire_grant keeps `remaining` current in memory
-            expire_grant(grant=grant, customer=customer, at=period.end, note="Unused included credits expired",
-                         current=True)
-    for grant in expired_with_period:
-        expire_grant(grant=grant, customer=customer, at=grant.expires_at, current=True)
 
 
 def _close_period(period_id: int, now: datetime, skip_grace: bool,
@@ -387,19 +464,21 @@ def due_period_ids(*, now: datetime, customer: Customer | None = None) -> list[i
 
 
 def close_periods(*, period_ids: list[int], now: datetime) -> list[Invoice]:
-    """Close the given periods (and their due successors), each in its own transaction;
-    what one chunk of a fanned-out close run does. Periods closed meanwhile (a chunk
-    delivered twice, an overlapping run) are skipped with one query for the chunk."""
+    """Close the given periods (and their due successors); what one chunk of a fanned-out
+    close run does. They close together, a few dozen per transaction, in a few
+    statements for all of them (`closing.close_periods_together`); what that cannot
+    close, and every period of a batch that failed, closes one by one. Periods closed
+    meanwhile (a chunk delivered twice, an overlapping run) are skipped with one query
+    for the chunk."""
+    from billing.services.closing import close_periods_together  # it builds on this module
+
     still_open = {
         pk: (customer_id, subscription_id) for pk, customer_id, subscription_id in
         BillingPeriod.objects.filter(pk__in=period_ids, status=BillingPeriod.Status.OPEN).order_by()
         .values_list("pk", "customer_id", "subscription_id")
     }
-    invoices = []
-    for period_id in period_ids:
-        if period_id in still_open:
-            invoices += close_period_and_successors(period_id=period_id, now=now, owner=still_open[period_id])
-    return invoices
+    owners = {period_id: still_open[period_id] for period_id in period_ids if period_id in still_open}
+    return close_periods_together(owners=owners, now=now)
 
 
 def close_due_periods(*, now: datetime, customer: Customer | None = None) -> list[Invoice]:
