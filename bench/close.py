@@ -22,15 +22,17 @@ What it does, for each size N (bounded in time; the workers are always stopped):
      keys, event fingerprints and gap-free invoice numbers rewritten; VACUUM ANALYZE;
   4. verifies the build: `manage.py ledger_check` passes, and for a sample of copies every
      row equals its template's (ids and keys mapped, fingerprints recomputed);
-  5. closes the templates in-process through `close_period` (counting SQL queries per
-     close): the reference invoices;
+  5. in-process: closes one chunk of copies as a worker would (`close_periods`), counting
+     its SQL statements per close, and rolls it back; then closes the templates one at a
+     time through `close_period`, the one-period close: the reference invoices;
   6. starts `celery worker --pool prefork --concurrency W` on a dedicated Redis database
      (BENCH_CLOSE_REDIS_DB, default 11), sends `billing.tasks.close_due_periods_task` by
      name as celery-beat does, and measures the wall time until every period is closed;
   7. verifies: every period closed with exactly one close invoice, invoice numbers
-     gap-free, `ledger_check` passes, and for a sample of customers the close produced
-     exactly the rows the template's close produced (invoice lines to the cent, rollover
-     and expiry, next period) and the invoice total expected for its profile.
+     gap-free, `ledger_check` passes, and for a sample of customers the workers' chunk
+     close produced exactly the rows the template's one-period close produced (invoice
+     lines to the cent, rollover and expiry, next period) and the invoice total expected
+     for its profile.
 
 Prints a table (seconds, periods/s, seconds per 1 000 periods and its ratio to the
 smallest size) and writes bench/results/close.json. Exit status 1 if anything is wrong.
@@ -528,26 +530,56 @@ def verify_close(size: int, start: datetime, templates: list[int], samples: int)
 # --- Closing ---------------------------------------------------------------------------------
 
 def close_templates(templates: list[int], start: datetime) -> dict:
-    """Close the template customers' periods in this process, through the service a
-    worker's chunk calls: the reference the workers' invoices are compared with. Counts
-    SQL per close (the chunk's one read included, so a little more than in a chunk of 200)."""
-    from django.db import connection
+    """Two things in this process before the workers start.
+
+    The statements of one chunk as a worker closes it (`close_periods` on the first
+    OVERAGE_CLOSE_CHUNK_PERIODS due periods, in batches), counted and then rolled back,
+    so the workers still close every period; savepoints, which only the roll-back adds,
+    are not counted.
+
+    Then the template customers' periods closed one at a time by `close_period` (the
+    one-period close, about 14 statements each): the reference the workers' invoices
+    are compared with, so the check is that a chunk writes exactly the rows the
+    one-period close writes."""
+    from django.conf import settings
+    from django.db import connection, transaction
     from django.utils import timezone as dj_timezone
 
     from billing.models import BillingPeriod
-    from billing.services.invoicing import close_periods
+    from billing.services.invoicing import close_period, close_periods, due_period_ids
+
+    class RollBack(Exception):
+        pass
+
+    def counting(sink):
+        return lambda execute, sql, *args: (
+            None if sql.startswith(("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")) else sink.append(sql)
+        ) or execute(sql, *args)
+
+    template_periods = set(BillingPeriod.objects.filter(customer_id__in=templates).values_list("pk", flat=True))
+    chunk = [pk for pk in due_period_ids(now=dj_timezone.now())
+             if pk not in template_periods][:settings.OVERAGE_CLOSE_CHUNK_PERIODS]
+    in_chunk = []
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        with transaction.atomic(), connection.execute_wrapper(counting(in_chunk)):
+            closed = len(close_periods(period_ids=chunk, now=dj_timezone.now()))
+            raise RollBack
+    except RollBack:
+        pass
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert closed == len(chunk), f"{closed} of a chunk of {len(chunk)} closed"
 
     periods = [BillingPeriod.objects.get(customer_id=customer_id, start=start).pk for customer_id in templates]
-    queries = []
-    started = time.perf_counter()
-    with connection.execute_wrapper(lambda execute, sql, *args: queries.append(sql) or execute(sql, *args)):
-        # What a worker's chunk does (one read for the chunk, then each close), one by one.
+    alone = []
+    with connection.execute_wrapper(counting(alone)):
         for period_id in periods:
-            closed = close_periods(period_ids=[period_id], now=dj_timezone.now())
-            assert len(closed) == 1, f"template period {period_id} did not close"
-    seconds = time.perf_counter() - started
-    return {"queries_per_close": round(len(queries) / len(periods), 1),
-            "ms_per_close_in_process": round(seconds * 1000 / len(periods), 1)}
+            close_period(period_id=period_id, now=dj_timezone.now())
+    return {"queries_per_close": round(len(in_chunk) / closed, 2),
+            "ms_per_close_in_process": round(wall * 1000 / closed, 2),
+            "cpu_ms_per_close_in_process": round(cpu * 1000 / closed, 2),
+            "chunk_periods": closed,
+            "queries_per_close_alone": round(len(alone) / len(periods), 1)}
 
 
 def profile_close(start: datetime, limit: int) -> None:
@@ -777,7 +809,9 @@ def main() -> int:
             profile_close(start, limit=40)
             continue
         reference = close_templates(built["templates"], start)
-        log(f"templates closed in-process: {reference['queries_per_close']} queries per close")
+        log(f"a chunk of {reference['chunk_periods']} periods closed in-process (rolled back): "
+            f"{reference['queries_per_close']} queries and {reference['cpu_ms_per_close_in_process']} ms CPU "
+            f"per close; templates closed one at a time: {reference['queries_per_close_alone']} queries per close")
         try:
             measured = run_close(size, start, args.workers, args.timeout)
         except RuntimeError as error:

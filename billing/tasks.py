@@ -16,8 +16,8 @@ def expire_credit_grants_task() -> int:
 @shared_task(bind=True, acks_late=True)
 def close_due_periods_task(self) -> int:
     """Beat: fan every period past its grace window out to the workers, in chunks of
-    OVERAGE_CLOSE_CHUNK_PERIODS, so all worker processes close in parallel (each period
-    in its own transaction, under its customer's lock, once). The chunks go to the queue
+    OVERAGE_CLOSE_CHUNK_PERIODS, so all worker processes close in parallel (a few dozen
+    periods per transaction, under their customers' locks, each once). The chunks go to the queue
     this task came from, so workers dedicated to closing (`-Q …`) do all of it. Returns
     the number of periods dispatched. Running it again while chunks wait is harmless: a
     chunk skips the periods closed meanwhile."""

@@ -483,8 +483,9 @@ def close_periods(*, period_ids: list[int], now: datetime) -> list[Invoice]:
 
 def close_due_periods(*, now: datetime, customer: Customer | None = None) -> list[Invoice]:
     """Close every period whose end plus the grace window has passed, in this process:
-    oldest first, each in its own transaction, a subscription's periods in order. One
-    failing period is logged and retried on the next run; it does not stop the others.
+    oldest first, in the chunks beat would send (`close_periods`), a subscription's
+    periods in order. One failing period is logged and retried on the next run; it does
+    not stop the others.
     (Beat fans the same work out to the workers: `tasks.close_due_periods_task`.)"""
     period_ids, size = due_period_ids(now=now, customer=customer), settings.OVERAGE_CLOSE_CHUNK_PERIODS
     invoices = []
