@@ -225,7 +225,7 @@ class Server:
                 if response.status_code == 200:
                     return
                 raise RuntimeError(f"GET /api/v1/features answered {response.status_code}: {response.text[:500]}")
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still booting
                 time.sleep(0.2)
         raise RuntimeError(f"gunicorn did not answer within {timeout:.0f} s:\n{self.tail()}")
 
