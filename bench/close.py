@@ -868,7 +868,8 @@ def main() -> int:
                    "met": bool(target and target["seconds"] <= TARGET_SECONDS)},
         "runs": runs, "failures": failures, "ok": not failures,
     }, indent=2, default=str) + "\n")
-    log(f"wrote {args.output.relative_to(ROOT) if args.output.resolve().is_relative_to(ROOT) else args.output}")
+    written = args.output.resolve()
+    log(f"wrote {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
     return 1 if failures else 0
 
 
