@@ -70,11 +70,12 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "billing.api.middleware.ApiBodySizeLimit",
     "django.middleware.security.SecurityMiddleware",
-    # config.middleware: Django's session, CSRF, auth, messages and htmx middleware (and
-    # the portal's login lockout), passed straight through by /api/ requests.
+    # config.middleware: Django's session, auth, messages and htmx middleware (and the
+    # portal's login lockout), passed straight through by /api/ requests. CSRF stays
+    # Django's own, for every request (`check --deploy` looks for it by name).
     "config.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
-    "config.middleware.CsrfViewMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
     "config.middleware.AuthenticationMiddleware",
     "config.middleware.LoginLockoutMiddleware",
     "config.middleware.MessageMiddleware",
