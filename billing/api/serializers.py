@@ -201,15 +201,22 @@ def validated_event(item) -> dict:
     return _EVENT.run_validation(item)
 
 
-def _plain_event(item: dict) -> dict | None:
+def _plain_text(item: dict, fields) -> dict | None:
+    """The (name, max_length) CharFields of `item` when each is plain ASCII text that a
+    CharField would keep as it is; None if any is not."""
     data = {}
-    for name, limit in _EVENT_TEXT:
+    for name, limit in fields:
         value = item.get(name)
         if (type(value) is not str or not 0 < len(value) <= limit or not value.isascii() or "\x00" in value
                 or value.strip() != value):
             return None
         data[name] = value
-    if "quantity" not in item:
+    return data
+
+
+def _plain_event(item: dict) -> dict | None:
+    data = _plain_text(item, _EVENT_TEXT)
+    if data is None or "quantity" not in item:
         return None
     properties = item.get("properties", {})
     if type(properties) is not dict or not _flat_json(properties):
@@ -327,6 +334,30 @@ class EntitlementCheckSerializer(serializers.Serializer):
     )
 
 
+_CHECK = EntitlementCheckSerializer()
+_CHECK_FIELDS = _CHECK.fields
+
+
+def validated_check(data) -> dict:
+    """`EntitlementCheckSerializer().run_validation(data)`, the plain case (the two ids as
+    ASCII text, `reserve` a JSON boolean or absent) checked directly, as `validated_event`
+    does for events; anything else, and every error, by the serializer."""
+    if type(data) is dict:
+        plain = _plain_text(data, (("customer", 255), ("feature", 64)))
+        if plain is not None and type(data.get("reserve", False)) is bool:
+            try:
+                plain["quantity"] = (_CHECK_FIELDS["quantity"].run_validation(data["quantity"])
+                                     if "quantity" in data else _CHECK_FIELDS["quantity"].get_default())
+                plain["reserve"] = data.get("reserve", False)
+                if "reservation_ttl_seconds" in data:
+                    plain["reservation_ttl_seconds"] = _CHECK_FIELDS["reservation_ttl_seconds"].run_validation(
+                        data["reservation_ttl_seconds"])
+                return plain
+            except serializers.ValidationError:
+                pass
+    return _CHECK.run_validation(data)
+
+
 class EntitlementResultSerializer(CurrencyAmounts, serializers.Serializer):
     allowed = serializers.BooleanField()
     reason = serializers.ChoiceField(choices=["ok", "overage", "insufficient_credits", "spend_cap_reached", "paused",
@@ -338,6 +369,25 @@ class EntitlementResultSerializer(CurrencyAmounts, serializers.Serializer):
     currency = serializers.CharField(allow_null=True)
     reservation_id = serializers.UUIDField(allow_null=True, required=False)
     reservation_expires_at = serializers.DateTimeField(allow_null=True, required=False)
+
+
+def entitlement_result(decision) -> dict:
+    """`EntitlementResultSerializer().to_representation(...)` of an `EntitlementDecision`,
+    built directly (the check is the hottest answer); a test holds the two equal."""
+    currency, reservation = decision.currency, decision.reservation
+    return {
+        "allowed": decision.allowed,
+        "reason": decision.reason,
+        "credits_required": decimal_string(Decimal(decision.credits_required)),
+        "credits_remaining": decimal_string(Decimal(decision.credits_remaining)),
+        "overage_credits": decimal_string(Decimal(decision.overage_credits)),
+        "estimated_overage_amount": decimal_string(
+            Decimal(decision.estimated_overage_amount), minor_unit_exponent(currency) if currency else 2),
+        "currency": currency,
+        # Always present (null unless a reservation was made), so the shape never varies.
+        "reservation_id": str(reservation.pk) if reservation else None,
+        "reservation_expires_at": timestamp_string(reservation.expires_at) if reservation else None,
+    }
 
 
 class ReservationSerializer(serializers.Serializer):

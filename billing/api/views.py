@@ -150,11 +150,6 @@ def _valid(serializer_class, data):
     return serializer.validated_data
 
 
-# The hot endpoints reuse one serializer instance each (validation and output keep no
-# state on it): building one per request deep-copies all its fields every time.
-_CHECK_IN, _CHECK_OUT = s.EntitlementCheckSerializer(), s.EntitlementResultSerializer()
-
-
 # --- Catalogue ------------------------------------------------------------------------
 
 class FeatureListCreate(ScopedView):
@@ -330,20 +325,12 @@ class EntitlementCheck(ScopedView):
     @extend_schema(request=s.EntitlementCheckSerializer,
                    responses=answers(s.EntitlementResultSerializer, errors=WRITE_ERRORS))
     def post(self, request):
-        data = _CHECK_IN.run_validation(request.data)
+        data = s.validated_check(request.data)
         decision = check_entitlement(
             customer_external_id=data["customer"], feature_code=data["feature"], quantity=data["quantity"],
             reserve=data["reserve"], reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now(),
         )
-        body = {
-            "allowed": decision.allowed, "reason": decision.reason, "credits_required": decision.credits_required,
-            "credits_remaining": decision.credits_remaining, "overage_credits": decision.overage_credits,
-            "estimated_overage_amount": decision.estimated_overage_amount, "currency": decision.currency,
-            # Always present (null unless a reservation was made), so the shape never varies.
-            "reservation_id": decision.reservation.pk if decision.reservation else None,
-            "reservation_expires_at": decision.reservation.expires_at if decision.reservation else None,
-        }
-        return Response(_CHECK_OUT.to_representation(body))
+        return Response(s.entitlement_result(decision))
 
 
 class ReservationRelease(ScopedView):

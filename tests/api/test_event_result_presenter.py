@@ -53,3 +53,33 @@ def test_event_result_equals_the_serializer_for_accepted_rejected_and_reserved_e
 ])
 def test_timestamp_string_equals_drf_for_any_offset(value):
     assert timestamp_string(value) == serializers.DateTimeField().to_representation(value)
+
+
+@time_machine.travel(NOW, tick=False)
+def test_entitlement_result_equals_the_serializer():
+    """The check's answer is built by `entitlement_result`; the serializer is its schema."""
+    from billing.api.serializers import EntitlementResultSerializer, entitlement_result
+    from billing.services.entitlements import EntitlementDecision
+
+    FeatureFactory(code="api")
+    make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
+    decisions = [
+        check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("2"), now=NOW),
+        check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("2.5"), now=NOW,
+                          reserve=True),
+        check_entitlement(customer_external_id="acme", feature_code="nope", quantity=Decimal("1"), now=NOW),
+        EntitlementDecision(allowed=True, reason="overage", credits_required=Decimal("12.500000"),
+                            credits_remaining=Decimal("0"), overage_credits=Decimal("12.5"),
+                            estimated_overage_amount=Decimal("1234.5"), currency="JPY"),
+        EntitlementDecision(allowed=True, reason="overage", credits_required=Decimal("1"),
+                            credits_remaining=Decimal("0"), overage_credits=Decimal("1"),
+                            estimated_overage_amount=Decimal("0.1"), currency="USD"),
+    ]
+    assert decisions[1].reservation is not None and decisions[2].currency is None
+    for decision in decisions:
+        body = {field: getattr(decision, field) for field in (
+            "allowed", "reason", "credits_required", "credits_remaining", "overage_credits",
+            "estimated_overage_amount", "currency")}
+        body["reservation_id"] = decision.reservation.pk if decision.reservation else None
+        body["reservation_expires_at"] = decision.reservation.expires_at if decision.reservation else None
+        assert entitlement_result(decision) == EntitlementResultSerializer().to_representation(body)

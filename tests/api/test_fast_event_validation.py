@@ -63,3 +63,19 @@ def test_a_plain_event_takes_the_shortcut():
     assert _plain_event(item) == EventSerializer().run_validation(item)
     assert _plain_event({**item, "timestamp": "2026-05-10T12:00:00Z", "quantity": "0.5"}) is not None
     assert _plain_event({**item, "id": " e1"}) is None  # the serializer trims: it decides
+
+
+check_bodies = st.fixed_dictionaries({}, optional={
+    "customer": text, "feature": text, "quantity": quantity,
+    "reserve": st.one_of(st.booleans(), st.just("true"), st.just(1), st.none()),
+    "reservation_ttl_seconds": st.one_of(st.integers(-1, 100_000), st.just("60"), st.none()),
+    "unknown": scalar,
+})
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(check_bodies, st.lists(st.integers(), max_size=1), st.none()))
+def test_the_check_shortcut_answers_what_the_serializer_answers(body):
+    from billing.api.serializers import EntitlementCheckSerializer, validated_check
+
+    assert outcome(validated_check, body) == outcome(EntitlementCheckSerializer().run_validation, body)
