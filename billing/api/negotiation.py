@@ -8,13 +8,14 @@ with the media type DRF itself would choose; anything else is negotiated as befo
 
 from rest_framework.negotiation import DefaultContentNegotiation
 
-_ANYTHING = {"", "*/*", "application/json"}
+# Accept headers that mean "JSON will do" (no header at all, anything, JSON by name).
+ACCEPTS_JSON = frozenset({"", "*/*", "application/json"})
 
 
 class ApiContentNegotiation(DefaultContentNegotiation):
     def select_renderer(self, request, renderers, format_suffix=None):
         if (not format_suffix and renderers and renderers[0].media_type == "application/json"
-                and request.META.get("HTTP_ACCEPT", "") in _ANYTHING
+                and request.META.get("HTTP_ACCEPT", "") in ACCEPTS_JSON
                 and self.settings.URL_FORMAT_OVERRIDE not in request.query_params):
             return renderers[0], "application/json"
         return super().select_renderer(request, renderers, format_suffix)
