@@ -16,6 +16,7 @@ before. Tests send every such request both ways and compare status, headers and 
 """
 
 import io
+import logging
 from types import SimpleNamespace
 
 from django.conf import settings
@@ -25,15 +26,37 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.utils import timezone
+from django.urls import resolve
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.renderers import JSONRenderer
 
 from billing.api import serializers as s
 from billing.api.auth import ApiKeyAuthentication, HasApiKeyScope
 from billing.api.negotiation import ACCEPTS_JSON
-from billing.api.throttling import ApiKeyRateThrottle
+from billing.api.throttling import LANE_DECISION, ApiKeyRateThrottle
+from billing.errors import BillingError
 from billing.services.entitlements import check_entitlement
 
+logger = logging.getLogger(__name__)
+
 CHECK_PATH = "/api/v1/entitlements/check"
+# A check's body is under 600 bytes; anything larger is the full stack's to read.
+MAX_BODY_BYTES = 4096
+# The middleware whose effect on a plain check the lane reproduces (the portal-only ones
+# pass API requests through). Any other stack disables the lane: a middleware added
+# later (CORS, request ids, an IP allowlist) must not be bypassed without anyone noticing.
+MIDDLEWARE = (
+    "billing.api.middleware.ApiBodySizeLimit",
+    "django.middleware.security.SecurityMiddleware",
+    "config.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "config.middleware.AuthenticationMiddleware",
+    "config.middleware.LoginLockoutMiddleware",
+    "config.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "config.middleware.HtmxMiddleware",
+)
 
 
 class EntitlementCheckFastLane:
@@ -41,7 +64,7 @@ class EntitlementCheckFastLane:
 
     def __init__(self, django_app):
         self.django_app = django_app
-        self.served = 0  # checks answered here (tests and benchmarks read it)
+        self.served = 0  # checks answered here (tests and benchmarks read it; approximate under threads)
         self._renderer = JSONRenderer()
         # The answer's headers, as the full stack's middleware set them (Content-Length,
         # security headers, X-Frame-Options); innermost first, as responses travel.
@@ -50,15 +73,35 @@ class EntitlementCheckFastLane:
         from billing.api.views import EntitlementCheck
 
         self._view = EntitlementCheck  # its required_scope, as the permission reads it
+        self.enabled = self._same_stack()
+
+    def _same_stack(self) -> bool:
+        reasons = []
+        if tuple(settings.MIDDLEWARE) != MIDDLEWARE:
+            reasons.append("MIDDLEWARE differs from the stack it reproduces")
+        if settings.DISALLOWED_USER_AGENTS or settings.PREPEND_WWW:
+            reasons.append("CommonMiddleware has request rules (DISALLOWED_USER_AGENTS, PREPEND_WWW)")
+        if getattr(resolve(CHECK_PATH).func, "view_class", None) is not self._view:
+            reasons.append(f"{CHECK_PATH} is not routed to EntitlementCheck")
+        if reasons:
+            logger.warning("entitlement check fast lane off: %s", "; ".join(reasons))
+        return not reasons
 
     def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO") != CHECK_PATH or environ.get("REQUEST_METHOD") != "POST":
+        if (not self.enabled or environ.get("PATH_INFO") != CHECK_PATH or environ.get("REQUEST_METHOD") != "POST"
+                or environ.get("SCRIPT_NAME")):
             return self.django_app(environ, start_response)
         body = _read_body(environ)
         response = None
         if body is not None:
             signals.request_started.send(sender=self.__class__, environ=environ)
-            response = self._answer(environ, body)
+            try:
+                response = self._answer(environ, body)
+            except (APIException, BillingError, ValidationError):
+                response = None  # refused: the full stack answers with the error body
+            except Exception:  # noqa: BLE001 - a fault here must not cost the answer
+                logger.exception("entitlement check fast lane failed; the full stack answers")
+                response = None
             environ["wsgi.input"] = io.BytesIO(body)  # for the full stack, if it answers
         if response is None:
             return self.django_app(environ, start_response)
@@ -80,29 +123,30 @@ class EntitlementCheckFastLane:
                 or request.content_type != "application/json"
                 or request.META.get("HTTP_ACCEPT", "") not in ACCEPTS_JSON):
             return None
+        # In the order DRF's APIView takes them: authentication, scope, rate limit, and
+        # only then the body (an unauthenticated request costs no parsing).
+        drf_request = SimpleNamespace(META=request.META, headers=request.headers, method="POST", auth=None)
+        authenticated = ApiKeyAuthentication().authenticate(drf_request)
+        if authenticated is None:
+            return None
+        drf_request.auth = authenticated[1]
+        if not HasApiKeyScope().has_permission(drf_request, self._view):
+            return None
+        throttle = ApiKeyRateThrottle()
+        allowed = throttle.allow_request(drf_request, self._view)
+        # Counted once, here: the full stack, if it answers this request, reuses the decision.
+        environ[LANE_DECISION] = (allowed, throttle.wait())
+        if not allowed:
+            return None
         from billing.api.views import ApiJSONParser
 
-        try:
-            data = s.validated_check(ApiJSONParser().parse(io.BytesIO(body), "application/json",
-                                                           {"encoding": request.encoding or settings.DEFAULT_CHARSET}))
-            if data["reserve"]:
-                return None  # a write under the customer's lock: the view's path
-            drf_request = SimpleNamespace(META=request.META, headers=request.headers, method="POST", auth=None)
-            authenticated = ApiKeyAuthentication().authenticate(drf_request)
-            if authenticated is None:
-                return None
-            drf_request.auth = authenticated[1]
-            if not HasApiKeyScope().has_permission(drf_request, self._view):
-                return None
-            decision = check_entitlement(
-                customer_external_id=data["customer"], feature_code=data["feature"], quantity=data["quantity"],
-                reserve=False, reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now())
-        except Exception:  # noqa: BLE001 - every refusal and error is the full stack's to answer
-            return None
-        # Counted last, once the answer is certain: a request sent on to the full stack
-        # is counted there, once.
-        if not ApiKeyRateThrottle().allow_request(drf_request, self._view):
-            return None
+        data = s.validated_check(ApiJSONParser().parse(io.BytesIO(body), "application/json",
+                                                       {"encoding": request.encoding or settings.DEFAULT_CHARSET}))
+        if data["reserve"]:
+            return None  # a write under the customer's lock: the view's path
+        decision = check_entitlement(
+            customer_external_id=data["customer"], feature_code=data["feature"], quantity=data["quantity"],
+            reserve=False, reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now())
         response = HttpResponse(self._renderer.render(s.entitlement_result(decision), "application/json"),
                                 content_type="application/json")
         response["Allow"] = "POST, OPTIONS"  # as DRF's APIView answers
@@ -112,13 +156,13 @@ class EntitlementCheckFastLane:
 
 
 def _read_body(environ) -> bytes | None:
-    """The declared body, or None when its size is not a plain number within the API's
-    limit (the full stack answers 400 or 413)."""
+    """The declared body, or None when its size is not a plain number up to
+    MAX_BODY_BYTES (the full stack reads and answers it)."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return None
-    if not 0 < length <= settings.OVERAGE_API_MAX_BODY_BYTES:
+    if not 0 < length <= min(MAX_BODY_BYTES, settings.OVERAGE_API_MAX_BODY_BYTES):
         return None
     body = environ["wsgi.input"].read(length)
     return body if len(body) == length else None

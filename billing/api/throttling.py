@@ -28,6 +28,11 @@ from config.env import parse_rate
 
 logger = logging.getLogger(__name__)
 
+# Set in the WSGI environ by the entitlement check's fast lane (billing/api/fast_lane.py)
+# when it has already counted the request: (allowed, wait). A client cannot set it (its
+# headers arrive as HTTP_* keys).
+LANE_DECISION = "overage.rate_limit_decision"
+
 
 class ApiKeyRateThrottle(BaseThrottle):
     cache_prefix = "throttle:api"
@@ -45,6 +50,10 @@ class ApiKeyRateThrottle(BaseThrottle):
         return getattr(view, "required_scopes", {}).get(request.method) or getattr(view, "required_scope", None)
 
     def allow_request(self, request, view) -> bool:
+        decided = request.META.get(LANE_DECISION)
+        if decided is not None:  # counted once already, by the fast lane
+            allowed, self._wait = decided
+            return allowed
         api_key = request.auth
         scope = self.scope_of(request, view)
         if not isinstance(api_key, ApiKey) or scope is None:

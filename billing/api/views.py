@@ -120,7 +120,10 @@ class ApiJSONParser(JSONParser):
             raise ParseError("JSON parse error - nested too deeply.") from None
         except ValueError as error:
             raise ParseError(f"JSON parse error - {error}") from None
-        if not overflowed and not _SURROGATE_ESCAPE.search(text):
+        # Only UTF-8 text keeps a lone surrogate escaped (other codecs DRF accepts, such as
+        # unicode_escape, decode it before this point): elsewhere, always walk.
+        encoding = get_encoding(parser_context or {}).lower().replace("-", "").replace("_", "")
+        if not overflowed and encoding in ("utf8", "ascii", "usascii") and not _SURROGATE_ESCAPE.search(text):
             return document
         problem = _first_unstorable(document)
         if problem is not None:

@@ -35,7 +35,7 @@ from django.db.models import Max, Q, Sum
 
 from billing.models import BillingPeriod, CreditGrant, Invoice, InvoiceLine, LedgerEntry, Subscription
 from billing.periods import period_index_at, period_start
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import enqueue
 from billing.services.invoicing import (
     build_close_invoice, close_period_and_successors, grants_settled_at_close, included_credits_settlement,
     next_invoice_numbers, priced_overage_line, rollover_key, unsaved_invoice,
@@ -89,7 +89,9 @@ def _close_batch(period_ids: list[int], owners: dict[int, tuple[int, int]],
     """Close what it can of `period_ids` in the caller's transaction. Returns ({period id:
     (its close invoice, the next period if this call closed it)}, the period ids left to
     the one-by-one close)."""
-    customers = lock_customers(owners[period_id][0] for period_id in period_ids)
+    # Customers another transaction holds are not waited for: waiting would keep the
+    # ones already locked from ingesting meanwhile. Their periods close one by one.
+    customers = lock_customers((owners[period_id][0] for period_id in period_ids), skip_locked=True)
     # Under the locks: these periods and their subscriptions' open ones — an earlier one
     # still open forbids a close, a later one is the next period, already opened.
     periods = list(
@@ -113,9 +115,10 @@ def _close_batch(period_ids: list[int], owners: dict[int, tuple[int, int]],
     closing, found_closed, one_by_one, customers_seen = [], [], [], set()
     for period_id in period_ids:
         period = by_id.get(period_id)
-        if period is None or period.customer_id in customers_seen:
-            # Gone, or the customer's second period here: its grants depend on the first
-            # close (they are settled one close after the other).
+        if period is None or period.customer_id in customers_seen or period.customer_id not in customers:
+            # Gone, the customer's second period here (its grants depend on the first
+            # close: they are settled one close after the other), or the customer is
+            # busy in another transaction.
             one_by_one.append(period_id)
             continue
         customers_seen.add(period.customer_id)
@@ -269,5 +272,5 @@ def _write_closes(closing: list[tuple[BillingPeriod, BillingPeriod | None]], now
         from billing import tasks
 
         for invoice in invoices:
-            after_commit(tasks.stripe_push_invoice_task.delay, invoice.pk)
+            enqueue(tasks.stripe_push_invoice_task, invoice.pk)  # kept in the database if the broker is down
     return invoices

@@ -32,7 +32,7 @@ from billing.periods import period_index_at, period_start
 from billing.services.customers import open_periods
 from billing.services.ledger import expire_grant, grant_credits
 from billing.services.locks import lock_customer
-from billing.services.commit_hooks import after_commit
+from billing.services.commit_hooks import enqueue
 from plans.models import Plan
 from plans.money import ZERO, format_credits, round_money
 from plans.pricing import price_overage, price_overage_band
@@ -410,7 +410,7 @@ def _close_period(period_id: int, now: datetime, skip_grace: bool,
     if settings.STRIPE_SECRET_KEY:
         from billing import tasks
 
-        after_commit(tasks.stripe_push_invoice_task.delay, invoice.pk)
+        enqueue(tasks.stripe_push_invoice_task, invoice.pk)  # kept in the database if the broker is down
     return invoice, next_period
 
 

@@ -19,9 +19,11 @@ def lock_customer(customer_id: int) -> Customer:
     return customer
 
 
-def lock_customers(customer_ids) -> dict[int, Customer]:
+def lock_customers(customer_ids, *, skip_locked: bool = False) -> dict[int, Customer]:
+    """Lock several customers in primary-key order. With `skip_locked`, customers another
+    transaction holds are left out (not waited for) and missing from the answer."""
     assert transaction.get_connection().in_atomic_block, "lock_customers needs a transaction"
-    customers = {c.pk: c for c in
-                 Customer.objects.select_for_update().filter(pk__in=sorted(set(customer_ids))).order_by("pk")}
+    customers = {c.pk: c for c in Customer.objects.select_for_update(skip_locked=skip_locked)
+                 .filter(pk__in=sorted(set(customer_ids))).order_by("pk")}
     customers_changed([c.external_id for c in customers.values()])
     return customers

@@ -27,8 +27,10 @@ PATH = "/api/v1/entitlements/check"
 def _keep_the_test_connection():
     """As Django's test client does: a request must not close the test's transaction."""
     signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
     yield
     signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
 
 
 @pytest.fixture
@@ -122,6 +124,7 @@ def test_the_lane_answers_with_the_figures_the_view_computes(key):
     ("host not allowed", {"HTTP_HOST": "evil.example.net"}, "400"),
     ("declared too large", {"CONTENT_LENGTH": "99999999"}, "413"),
     ("no body", {"body": b""}, "400"),
+    ("a large body", {"body": {"customer": "acme", "feature": "gpt-4o", "padding": "x" * 5000}}, "200"),
     ("GET", {"REQUEST_METHOD": "GET"}, "405"),
 ])
 def test_everything_else_goes_to_the_full_stack_untouched(key, case, env_changes, status):
@@ -181,3 +184,30 @@ def test_the_rate_limit_counts_each_request_once_and_the_full_stack_refuses(key,
     assert [(status[:3], by_the_lane) for status, _, _, by_the_lane in answers] == [
         ("200", True), ("200", True), ("200", True), ("429", False), ("429", False)]
     assert json.loads(answers[3][2])["error"]["code"] == "rate_limited" and "Retry-After" in answers[3][1]
+    # Each request counted once: by the lane, which the full stack then trusts.
+    from django.core.cache import cache
+
+    counters = [key for key in cache._cache if "throttle:api:ingest" in key]
+    assert len(counters) == 1 and cache.get(counters[0].split(":", 2)[2]) == 5
+
+
+@time_machine.travel(NOW, tick=False)
+def test_the_rate_limit_is_counted_before_the_body_is_read(key, settings):
+    """A throttled key costs no parsing and no decision, and a bad body from a key with
+    room left is counted once, not again by the full stack."""
+    settings.OVERAGE_API_RATES = {**settings.OVERAGE_API_RATES, "ingest": "1/min"}
+    first = call_once(environ(b"{not json", key))
+    second = call_once(environ({"customer": "acme", "feature": "gpt-4o"}, key))
+    assert (first[0][:3], first[3], second[0][:3], second[3]) == ("400", False, "429", False)
+
+
+def test_another_middleware_stack_turns_the_lane_off(settings, key):
+    from django.core.handlers.wsgi import WSGIHandler
+
+    from billing.api.fast_lane import EntitlementCheckFastLane
+
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, "django.middleware.gzip.GZipMiddleware"]
+    lane = EntitlementCheckFastLane(WSGIHandler())
+    with time_machine.travel(NOW, tick=False):
+        status, _, _ = call(lane, environ({"customer": "acme", "feature": "gpt-4o"}, key))
+    assert status == "200 OK" and not lane.enabled and lane.served == 0

@@ -1,6 +1,7 @@
 """`validated_event` (the batch's shortcut) must answer exactly what `EventSerializer`
 answers: the same validated data, or the same errors, for any item."""
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from rest_framework import serializers
 
@@ -79,3 +80,12 @@ def test_the_check_shortcut_answers_what_the_serializer_answers(body):
     from billing.api.serializers import EntitlementCheckSerializer, validated_check
 
     assert outcome(validated_check, body) == outcome(EntitlementCheckSerializer().run_validation, body)
+
+
+@pytest.mark.django_db
+def test_a_lone_surrogate_decoded_by_another_charset_is_refused(api):
+    """The parser skips its walk for UTF-8 bodies without a surrogate escape; a codec that
+    decodes the escape itself (unicode_escape) must still be walked."""
+    body = b'{"id": "e1", "customer": "acme", "feature": "api", "quantity": 1, "properties": {"p": "\\ud800"}}'
+    response = api.post("/api/v1/events", body, content_type="application/json; charset=unicode_escape")
+    assert response.status_code == 400, response.content
