@@ -7,7 +7,7 @@ What it does, all on 127.0.0.1, bounded in time and count (about 1-2 minutes):
      creates one feature, a Pro-like plan (10 000 included credits, overage at 0.002),
      N customers and an API key through the project's own services;
   2. starts `gunicorn config.wsgi --workers 2` in production mode (DEBUG=0);
-  3. measures, with an asyncio/aiohttp client of bounded concurrency:
+  3. measures, with the lean asyncio client of bench/loadgen.py (bounded concurrency):
        batch ingestion   POST /api/v1/events/batch (100 events per request, see
                          bench/README.md; then one 1 000-event request as a probe)
        single ingestion  POST /api/v1/events
@@ -43,7 +43,9 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import loadgen
 from bench_support import (CLK_TCK, PG_ADMIN_URL, ROOT, children, drop_database, git, log, machine_busy_ticks,
+                           machine_steal_ticks,
                            process_cpu_ticks, recreate_database)
 
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
@@ -177,7 +179,8 @@ def cpu_snapshot(server: "Server") -> dict[str, dict[int, int]]:
         pg_pids = [row[0] for row in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend' "
             "AND pid <> pg_backend_pid()", (DB_NAME,))]
-    snap: dict[str, dict[int, int]] = {"app": {}, "db": {}, "machine": {0: machine_busy_ticks()}}
+    snap: dict[str, dict[int, int]] = {"app": {}, "db": {}, "machine": {0: machine_busy_ticks()},
+                                       "steal": {0: machine_steal_ticks()}}
     for kind, pids in (("app", children(server.proc.pid)), ("db", pg_pids)):
         for pid in pids:
             ticks = process_cpu_ticks(pid)
@@ -188,9 +191,10 @@ def cpu_snapshot(server: "Server") -> dict[str, dict[int, int]]:
 
 def cpu_used(before: dict, after: dict, seconds: float) -> dict[str, float | None]:
     """Cores busy on average during the phase: app (gunicorn workers), db (backends),
-    machine (every process, this client and other people's work included)."""
+    machine (every process, this client and other people's work included), steal (the
+    host running other virtual machines while this one was ready: part of machine)."""
     out = {}
-    for kind in ("app", "db", "machine"):
+    for kind in ("app", "db", "machine", "steal"):
         if not after[kind]:
             out[f"{kind}_cpu_cores"] = None
             continue
@@ -264,6 +268,7 @@ class Phase:
         self.rejected = 0  # events recorded with status "rejected"
         self.elapsed = 0.0
         self.client_cpu = 0.0
+        self.connections: int | None = None  # open loop: connections the client opened
         self.server_cpu: dict[str, float | None] = {}
 
     def fail(self, message: str) -> None:
@@ -299,6 +304,9 @@ class Phase:
             "latency_p99_ms": _ms(percentile(self.latencies, 99)),
             "latency_max_ms": _ms(max(self.latencies) if self.latencies else None),
             "client_cpu_cores": round(self.client_cpu / self.elapsed, 2) if self.elapsed else None,
+            "client_cpu_us_per_request": round(self.client_cpu / (self.ok + self.failures) * 1e6)
+            if self.ok + self.failures else None,
+            "client_connections": self.connections,
             **self.server_cpu,
             "failure_samples": self.failure_samples,
         }
@@ -313,39 +321,17 @@ async def closed_loop(name: str, *, base: str, api_key: str, path: str, concurre
     """`concurrency` clients each send one request, wait for the answer, repeat, until
     `seconds` have passed or `max_requests` have been sent (whichever comes first).
     `check(status, body) -> (items, rejected, error_or_None)`."""
-    import aiohttp
-
     phase = Phase(name)
-    url = base + path
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-    counter = iter(range(max_requests))
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
-        start = time.perf_counter()
-        cpu_start = time.process_time()
-        deadline = start + seconds
-
-        async def client(worker: int) -> None:
-            while time.perf_counter() < deadline:
-                seq = next(counter, None)
-                if seq is None:
-                    return
-                body = json.dumps(make_body(worker, seq)).encode()
-                sent = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as response:
-                        raw = await response.read()
-                        status = response.status
-                    latency = time.perf_counter() - sent
-                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                    phase.fail(f"{type(error).__name__}: {error}")
-                    continue
-                phase.answer(status, raw, latency, check)
-
-        await asyncio.gather(*(client(worker) for worker in range(concurrency)))
-        phase.elapsed = time.perf_counter() - start
-        phase.client_cpu = time.process_time() - cpu_start
+    client = loadgen.Client(base, api_key)
+    cpu_start = time.process_time()
+    try:
+        phase.elapsed = await loadgen.closed_loop(
+            client, path=path, concurrency=concurrency, seconds=seconds, max_requests=max_requests, timeout=timeout,
+            make_body=lambda worker, seq: json.dumps(make_body(worker, seq)).encode(),
+            on_answer=lambda status, raw, latency: phase.answer(status, raw, latency, check), on_error=phase.fail)
+    finally:
+        client.close()
+    phase.client_cpu = time.process_time() - cpu_start
     return phase
 
 
@@ -354,38 +340,15 @@ async def open_loop(name: str, *, base: str, api_key: str, path: str, rate: floa
     """Requests sent at a fixed `rate` for `seconds`, whether or not earlier ones have
     been answered (how production traffic arrives). Latency runs from each request's
     scheduled send time, so time spent queueing behind a slow server is counted too."""
-    import aiohttp
-
     phase = Phase(name)
-    url = base + path
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-    total = int(rate * seconds)
-    connector = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        start = time.perf_counter()
-        cpu_start = time.process_time()
-
-        async def one(seq: int, scheduled: float) -> None:
-            body = json.dumps(make_body(0, seq)).encode()
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    raw = await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                phase.fail(f"{type(error).__name__}: {error}")
-                return
-            phase.answer(status, raw, time.perf_counter() - scheduled, check)
-
-        tasks = []
-        for seq in range(total):
-            scheduled = start + seq / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(seq, scheduled)))
-        await asyncio.gather(*tasks)
-        phase.elapsed = time.perf_counter() - start
-        phase.client_cpu = time.process_time() - cpu_start
+    client = loadgen.Client(base, api_key)
+    cpu_start = time.process_time()
+    phase.elapsed = await loadgen.open_loop(
+        client, path=path, rate=rate, seconds=seconds, timeout=timeout,
+        make_body=lambda worker, seq: json.dumps(make_body(worker, seq)).encode(),
+        on_answer=lambda status, raw, latency: phase.answer(status, raw, latency, check), on_error=phase.fail)
+    phase.client_cpu = time.process_time() - cpu_start
+    phase.connections = client.opened
     return phase
 
 
@@ -737,16 +700,25 @@ def main() -> int:
     single_rps = single.ok / single.elapsed if single.elapsed else None
     check_rps = check.ok / check.elapsed if check.elapsed else None
     b, sgl, chk = batch.summary(), single.summary(), check.summary()
-    for name, summary in (("batch", b), ("single", sgl), ("check", chk)):
-        parts = [summary.get(k) for k in ("app_cpu_cores", "db_cpu_cores", "client_cpu_cores", "machine_cpu_cores")]
-        summary["other_cpu_cores"] = None if None in parts else round(max(0.0, parts[3] - sum(parts[:3])), 2)
+    rate_summary = phases["check_rate"].summary() if "check_rate" in phases else None
+    soak_summary = phases["soak"].summary() if "soak" in phases else None
+    measured = [("batch", b), ("single", sgl), ("check", chk), ("check_rate", rate_summary), ("soak", soak_summary)]
+    for name, summary in measured:
+        if summary is None:
+            continue
+        parts = [summary.get(k) for k in ("app_cpu_cores", "db_cpu_cores", "client_cpu_cores", "steal_cpu_cores",
+                                          "machine_cpu_cores")]
+        summary["other_cpu_cores"] = None if None in parts else round(max(0.0, parts[4] - sum(parts[:4])), 2)
         if (summary["other_cpu_cores"] or 0) > 0.25:
             notes.append(f"other processes kept {summary['other_cpu_cores']} cores busy during the {name} phase: "
                          f"its figures are lower than on a quiet machine")
+        if (summary.get("steal_cpu_cores") or 0) > 0.1:
+            notes.append(f"the host took {summary['steal_cpu_cores']} cores from this machine (steal) during the "
+                         f"{name} phase: its figures are lower than on a machine of its own")
 
     def cores(summary: dict) -> str:
         return "/".join(fmt(summary.get(k)) for k in ("app_cpu_cores", "db_cpu_cores", "client_cpu_cores",
-                                                      "other_cpu_cores"))
+                                                      "steal_cpu_cores", "other_cpu_cores"))
 
     probe_value = probe.get("latency_s")
     if not probe:
@@ -773,9 +745,7 @@ def main() -> int:
         ("entitlement check: p50", chk["latency_p50_ms"], "ms", ""),
         ("entitlement check: p99", chk["latency_p99_ms"], "ms", ""),
     ]
-    rate_summary = None
-    if "check_rate" in phases:
-        rate_summary = phases["check_rate"].summary()
+    if rate_summary is not None:
         if phases["check_rate"].failures:
             failures.append(f"check_rate: {phases['check_rate'].failures} failed requests, e.g. "
                             f"{phases['check_rate'].failure_samples[:2]}")
@@ -826,8 +796,8 @@ def main() -> int:
           f"check: {args.check_clients} clients, {check.elapsed:.1f} s; "
           f"total run {time.perf_counter() - t0:.0f} s")
     print(f"CPU busy, in cores of {os.cpu_count()} (gunicorn workers / PostgreSQL backends / this client / "
-          f"everything else on the machine): "
-          f"batch {cores(b)}; single {cores(sgl)}; check {cores(chk)}")
+          f"taken by the host (steal) / everything else on the machine): "
+          + "; ".join(f"{name} {cores(summary)}" for name, summary in measured if summary is not None))
     for note in notes:
         print(f"note: {note}")
 
@@ -871,7 +841,7 @@ def main() -> int:
             "memory_soak": memory,
             "check_open_loop": rate_summary,
         },
-        "phases": {"batch": b, "single": sgl, "check": chk},
+        "phases": {name: summary for name, summary in measured if summary is not None},
         "raw": {"copy": copy, "single_row_commit": commit, "redis_get": redis_result},
         "usage_events_stored": stored,
         "gunicorn_worker_timeouts": worker_timeouts,

@@ -13,8 +13,11 @@ and reused while all of these hold:
   token is read before the database, so a write that commits while a position is being
   built makes it stale at once rather than after the fact;
 - the catalogue token is unchanged (any save of a plan, tier, feature or feature cost);
-- `now` is still inside the position's period, and the position is younger than
-  `OVERAGE_POSITION_CACHE_SECONDS` (a bound for a token change lost to a cache outage).
+- `now` is still inside the position's period, and the position is younger than its
+  lifetime: `OVERAGE_POSITION_CACHE_SECONDS` (a bound for a token change lost to a cache
+  outage) times a factor drawn between ½ and 1 when it is built, so positions built
+  together (a restart, a warm-up) are not all rebuilt from the database in the same
+  instant, which stalled a busy process's checks for a moment every 30 s.
   The setting is 0 (off) unless Redis is configured: a per-process cache would not see
   the other processes' token changes.
 
@@ -26,6 +29,7 @@ unreachable, positions are built from the database every time: slower, never wro
 """
 
 import logging
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -60,9 +64,12 @@ class Position:
     generation: str
     catalogue: str
     built_at: datetime
+    # At most OVERAGE_POSITION_CACHE_SECONDS, drawn per position (see the module's docstring).
+    lifetime: timedelta | None = None
 
     def usable_at(self, now: datetime) -> bool:
-        fresh = now - self.built_at < timedelta(seconds=settings.OVERAGE_POSITION_CACHE_SECONDS)
+        limit = timedelta(seconds=settings.OVERAGE_POSITION_CACHE_SECONDS)
+        fresh = now - self.built_at < min(self.lifetime or limit, limit)
         in_period = self.period is None or self.period.start <= now < self.period.end
         return fresh and in_period and self.built_at <= now
 
@@ -147,7 +154,11 @@ def _build(customer_external_id: str, now: datetime, *, generation: str, catalog
         prefetch_related_objects([period.plan], "overage_tiers")  # cached with the plan, for pricing
     return Position(customer=customer, subscription=subscription, period=period, loaded=loaded, overage_cap=cap,
                     features=features, credits_per_unit=costs, generation=generation, catalogue=catalogue,
-                    built_at=now)
+                    built_at=now, lifetime=_lifetime())
+
+
+def _lifetime() -> timedelta:
+    return timedelta(seconds=settings.OVERAGE_POSITION_CACHE_SECONDS * random.uniform(0.5, 1.0))
 
 
 # --- Invalidation -------------------------------------------------------------------------

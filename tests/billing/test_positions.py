@@ -9,6 +9,8 @@ from decimal import Decimal
 import pytest
 import time_machine
 from django.core.cache import cache
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from billing.models import Customer
 from billing.services.entitlements import check_entitlement
@@ -131,3 +133,22 @@ def test_with_the_cache_down_checks_come_from_the_database(acme, settings):
     event("e1", "999")
     assert check().credits_remaining == Decimal("10")
     assert check("2").reason == "overage"
+
+
+def test_positions_built_together_do_not_expire_together(acme, django_assert_num_queries):
+    """Each position lives between half and all of OVERAGE_POSITION_CACHE_SECONDS (30 s
+    here), drawn when it is built: customers whose positions were built in the same
+    instant are rebuilt over 15 s, not in one burst of database reads."""
+    lifetimes = {_build("acme", NOW, generation="", catalogue="").lifetime for _ in range(50)}
+    assert len(lifetimes) > 40
+    assert all(timedelta(seconds=15) <= lifetime <= timedelta(seconds=30) for lifetime in lifetimes)
+
+    with time_machine.travel(NOW, tick=False):
+        check()
+    at = NOW + timedelta(seconds=14.9)
+    with time_machine.travel(at, tick=False), django_assert_num_queries(0):
+        check(now=at)  # younger than any lifetime: from the cache
+    at = NOW + timedelta(seconds=30)
+    with time_machine.travel(at, tick=False), CaptureQueriesContext(connection) as queries:
+        assert check(now=at).credits_remaining == Decimal("10000")
+    assert len(queries) > 0  # as old as the setting: rebuilt from the database
