@@ -6,7 +6,9 @@ What it does, all on 127.0.0.1, bounded in time and count (about 1-2 minutes):
   1. drops and re-creates the PostgreSQL database `overage_bench`, migrates it, and
      creates one feature, a Pro-like plan (10 000 included credits, overage at 0.002),
      N customers and an API key through the project's own services;
-  2. starts `gunicorn config.wsgi --workers 2` in production mode (DEBUG=0);
+  2. starts `gunicorn config.wsgi --workers 2` (threaded) and the check server
+     `gunicorn config.asgi:application --worker-class asgi --workers 2` in production mode
+     (DEBUG=0); checks go to the check server (--check-server wsgi: to the first);
   3. measures, with the lean asyncio client of bench/loadgen.py (bounded concurrency):
        batch ingestion   POST /api/v1/events/batch (100 events per request, see
                          bench/README.md; then one 1 000-event request as a probe)
@@ -206,13 +208,17 @@ def cpu_used(before: dict, after: dict, seconds: float) -> dict[str, float | Non
 # --- gunicorn ---------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, env: dict[str, str], workers: int, threads: int):
+    """gunicorn: the application (config.wsgi, threaded workers) or the check server
+    (config.asgi, asyncio workers: `threads` is then unused)."""
+
+    def __init__(self, env: dict[str, str], workers: int, threads: int, *, check_server: bool = False):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="overage-bench-gunicorn-", suffix=".log", delete=False)
+        kind = ["config.asgi:application", "--worker-class", "asgi"] if check_server else [
+            "config.wsgi", "--worker-class", "gthread", "--threads", str(threads)]
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "gunicorn"), "config.wsgi", "--workers", str(workers),
-             "--worker-class", "gthread", "--threads", str(threads), "--bind", f"127.0.0.1:{self.port}"],
+            [str(VENV_BIN / "gunicorn"), *kind, "--workers", str(workers), "--bind", f"127.0.0.1:{self.port}"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -519,6 +525,10 @@ def main() -> int:
     parser.add_argument("--single-seconds", type=float, default=10)
     parser.add_argument("--soak-seconds", type=float, default=0,
                         help="sustained batch load this long, sampling the workers' RSS (make bench: 300)")
+    parser.add_argument("--check-server", choices=("asgi", "wsgi"), default="asgi",
+                        help="checks to the check server (config/asgi.py, gunicorn's asyncio workers; default) "
+                             "or to the application's threaded gunicorn")
+    parser.add_argument("--check-workers", type=int, default=2, help="check server workers")
     parser.add_argument("--check-clients", type=int, default=8)
     parser.add_argument("--check-rate", type=float, default=1000, help="open-loop check phase: requests/s (0: skip)")
     parser.add_argument("--check-rate-seconds", type=float, default=10)
@@ -562,18 +572,23 @@ def main() -> int:
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log(f"starting gunicorn with {args.workers} workers")
     server = Server(env, args.workers, args.threads)
+    # Checks go to the check server (config/asgi.py) unless --check-server wsgi: then to the same gunicorn.
+    checks = Server(env, args.check_workers, 0, check_server=True) if args.check_server == "asgi" else server
     phases: dict[str, Phase] = {}
     probe: dict = {}
     soak: dict = {"samples": []}
-    gunicorn_log = ""
+    gunicorn_log = checks_log = ""
     try:
         server.wait_ready(api_key)
         log(f"gunicorn answers on {server.base}")
+        if checks is not server:
+            checks.wait_ready(api_key)
+            log(f"the check server answers on {checks.base}")
 
-        async def phase(name: str, **kwargs) -> Phase:
-            before = cpu_snapshot(server)
-            result = await closed_loop(name, base=server.base, api_key=api_key, **kwargs)
-            result.server_cpu = cpu_used(before, cpu_snapshot(server), result.elapsed)
+        async def phase(name: str, *, to: Server = server, **kwargs) -> Phase:
+            before = cpu_snapshot(to)
+            result = await closed_loop(name, base=to.base, api_key=api_key, **kwargs)
+            result.server_cpu = cpu_used(before, cpu_snapshot(to), result.elapsed)
             return result
 
         async def measure() -> None:
@@ -581,7 +596,8 @@ def main() -> int:
             # imports its code paths.
             await phase("warmup", path="/api/v1/events", concurrency=4, seconds=5, max_requests=40, timeout=30,
                         make_body=lambda w, s: event(run, "warm", w, s, 0, args.customers), check=check_single)
-            await phase("warmup", path="/api/v1/entitlements/check", concurrency=4, seconds=5, max_requests=40,
+            await phase("warmup", to=checks, path="/api/v1/entitlements/check", concurrency=4, seconds=5,
+                        max_requests=40,
                         timeout=30, make_body=lambda w, s: {"customer": customer_id(s % args.customers),
                                                             "feature": FEATURE, "quantity": "1"},
                         check=check_entitlement)
@@ -601,21 +617,21 @@ def main() -> int:
                 make_body=lambda w, s: event(run, "s", w, s, 0, args.customers), check=check_single)
             log(f"entitlement check: {args.check_clients} clients, {args.check_seconds:.0f} s")
             phases["check"] = await phase(
-                "check", path="/api/v1/entitlements/check", concurrency=args.check_clients,
+                "check", to=checks, path="/api/v1/entitlements/check", concurrency=args.check_clients,
                 seconds=args.check_seconds, max_requests=args.max_requests, timeout=30,
                 make_body=lambda w, s: {"customer": customer_id((s * 31 + w) % args.customers),
                                         "feature": FEATURE, "quantity": "1"},
                 check=check_entitlement)
             if args.check_rate:
                 log(f"entitlement check, open loop: {args.check_rate:.0f} requests/s for {args.check_rate_seconds:.0f} s")
-                before = cpu_snapshot(server)
+                before = cpu_snapshot(checks)
                 result = await open_loop(
-                    "check_rate", base=server.base, api_key=api_key, path="/api/v1/entitlements/check",
+                    "check_rate", base=checks.base, api_key=api_key, path="/api/v1/entitlements/check",
                     rate=args.check_rate, seconds=args.check_rate_seconds, timeout=30,
                     make_body=lambda w, s: {"customer": customer_id((s * 31) % args.customers),
                                             "feature": FEATURE, "quantity": "1"},
                     check=check_entitlement)
-                result.server_cpu = cpu_used(before, cpu_snapshot(server), result.elapsed)
+                result.server_cpu = cpu_used(before, cpu_snapshot(checks), result.elapsed)
                 phases["check_rate"] = result
             if args.soak_seconds:
                 log(f"memory soak: batch ingestion for {args.soak_seconds:.0f} s, RSS sampled every 10 s")
@@ -655,6 +671,12 @@ def main() -> int:
     finally:
         log("stopping gunicorn and the celery worker")
         server.stop()
+        if checks is not server:
+            checks.stop()
+            checks_log = checks.tail(20000)
+            Path(checks.log.name).unlink(missing_ok=True)
+            if checks.proc.returncode not in (0, -signal.SIGTERM):
+                failures.append(f"the check server exited with status {checks.proc.returncode}")
         worker.terminate()
         try:
             worker.wait(timeout=20)
@@ -787,7 +809,9 @@ def main() -> int:
     commit_id = git("rev-parse", "--short", "HEAD")
     print()
     print(f"Overage ingestion benchmark - commit {commit_id}, {os.cpu_count()} cores, "
-          f"gunicorn {args.workers} gthread workers x {args.threads} threads, {args.customers} customers, "
+          f"gunicorn {args.workers} gthread workers x {args.threads} threads, "
+          + (f"check server {args.check_workers} asyncio workers, " if args.check_server == "asgi" else "")
+          + f"{args.customers} customers, "
           f"load average at start {load_at_start[0]:.2f}")
     print_table(rows)
     print()
@@ -813,6 +837,8 @@ def main() -> int:
                     "platform": platform.platform(), "python": platform.python_version()},
         "config": {
             "customers": args.customers, "gunicorn_workers": args.workers, "gunicorn_worker_class": "gthread", "gunicorn_threads": args.threads,
+            "check_server": args.check_server, "check_server_workers": args.check_workers if args.check_server == "asgi"
+            else None,
             "group_commit": True,
             "gunicorn_timeout_s": 30, "batch_size": args.batch_size, "batch_clients": args.batch_clients,
             "batch_seconds": args.batch_seconds, "full_batch_probe_events": args.full_batch_probe,
@@ -856,6 +882,8 @@ def main() -> int:
     if failures:
         if gunicorn_log:
             sys.stderr.write("--- gunicorn log (tail) ---\n" + gunicorn_log[-3000:] + "\n")
+        if checks_log:
+            sys.stderr.write("--- check server log (tail) ---\n" + checks_log[-3000:] + "\n")
         print("FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0

@@ -177,15 +177,18 @@ async def closed_loop(client: Client, *, path: str, concurrency: int, seconds: f
 
 
 async def open_loop(client: Client, *, path: str, rate: float, seconds: float, timeout: float, make_body,
-                    on_answer, on_error, max_connections: int = 256) -> float:
+                    on_answer, on_error, max_connections: int = 256, warm_connections: int = 16) -> float:
     """Requests sent at a fixed `rate` for `seconds`, whether or not earlier ones have been
     answered (how production traffic arrives). A request due takes the most recently
     freed keep-alive connection, or opens a new one (up to `max_connections`; beyond that
     it waits for one to free up). Latency runs from each request's scheduled send time,
-    so time spent waiting for a connection or queueing in a slow server is counted too."""
+    so time spent waiting for a connection or queueing in a slow server is counted too.
+    `warm_connections` are opened before the clock starts, as an integrator's HTTP client
+    keeps a pool (opening hundreds in the first instant measured the server's accept
+    path, not its checks)."""
     loop = asyncio.get_running_loop()
-    idle: list[Connection] = []
-    live: set[Connection] = set()
+    idle: list[Connection] = [await client.connection() for _ in range(warm_connections)]
+    live: set[Connection] = set(idle)
     backlog: deque[tuple[bytes, float]] = deque()  # (request, scheduled), oldest first
     total = int(rate * seconds)
     finished = loop.create_future()

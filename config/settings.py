@@ -255,6 +255,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = max(OVERAGE_API_MAX_BODY_BYTES, 2621440)
 # a process share one transaction. For threaded web workers (gunicorn --threads).
 OVERAGE_GROUP_COMMIT = env_bool("OVERAGE_GROUP_COMMIT", False)
 OVERAGE_GROUP_COMMIT_MAX_EVENTS = env_int("OVERAGE_GROUP_COMMIT_MAX_EVENTS", 200)
+# Threads of the check server (config/asgi.py) for everything it does not answer on its
+# event loop: requests other than plain checks, and checks that need the database.
+OVERAGE_CHECK_SERVER_THREADS = env_int("OVERAGE_CHECK_SERVER_THREADS", 16)
 OVERAGE_INVOICE_PREFIX = env_str("OVERAGE_INVOICE_PREFIX", "OVG")
 OVERAGE_INVOICE_DUE_DAYS = env_int("OVERAGE_INVOICE_DUE_DAYS", 14)
 # The beat close fans due periods out to the workers in tasks of this many periods: small

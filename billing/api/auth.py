@@ -6,6 +6,7 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
+from billing.errors import NeedsDatabase
 from billing.models import ApiKey
 from billing.services.api_keys import api_key_authenticate
 
@@ -14,6 +15,7 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)  # avoid a write on every request
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
+    cached_only = False  # see CachedApiKeyAuthentication
 
     def authenticate(self, request):
         header = authentication.get_authorization_header(request).decode("latin-1")
@@ -22,11 +24,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         scheme, _, key = header.partition(" ")
         if scheme != self.keyword or not key.strip():
             raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <API key>'.")
-        api_key = api_key_authenticate(key.strip())
+        api_key = api_key_authenticate(key.strip(), cached_only=self.cached_only)
         if api_key is None:
             raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
         now = timezone.now()
         if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
+            if self.cached_only:
+                raise NeedsDatabase("the key's last use is due to be recorded")
             ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
             api_key.last_used_at = now  # the object may be the process's cached copy
         return (None, api_key)
@@ -34,6 +38,14 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate_header(self, request):
         # Makes DRF answer 401 (not 403) when the key is missing.
         return self.keyword
+
+
+class CachedApiKeyAuthentication(ApiKeyAuthentication):
+    """The same authentication without the database: a key this process has not
+    authenticated lately, or whose last use is due to be recorded, raises NeedsDatabase
+    (the check server's event loop, which must not block on PostgreSQL)."""
+
+    cached_only = True
 
 
 class HasApiKeyScope(permissions.BasePermission):

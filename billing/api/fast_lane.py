@@ -31,10 +31,10 @@ from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.renderers import JSONRenderer
 
 from billing.api import serializers as s
-from billing.api.auth import ApiKeyAuthentication, HasApiKeyScope
+from billing.api.auth import ApiKeyAuthentication, CachedApiKeyAuthentication, HasApiKeyScope
 from billing.api.negotiation import ACCEPTS_JSON
 from billing.api.throttling import LANE_DECISION, ApiKeyRateThrottle
-from billing.errors import BillingError
+from billing.errors import BillingError, NeedsDatabase
 from billing.services.entitlements import check_entitlement
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class EntitlementCheckFastLane:
     def __init__(self, django_app):
         self.django_app = django_app
         self.served = 0  # checks answered here (tests and benchmarks read it; approximate under threads)
+        self.served_inline = 0  # of which on the check server's event loop (answer_inline)
         self._renderer = JSONRenderer()
         # The answer's headers, as the full stack's middleware set them (Content-Length,
         # security headers, X-Frame-Options); innermost first, as responses travel.
@@ -109,8 +110,31 @@ class EntitlementCheckFastLane:
         start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
         return response  # closing it sends request_finished, as Django's handler does
 
-    def _answer(self, environ, body: bytes) -> HttpResponse | None:
-        """The check's answer, or None for the full stack to give it."""
+    def answer_inline(self, environ, body: bytes) -> HttpResponse | None:
+        """The check server's event loop (billing/api/check_server.py): the answer when it
+        needs nothing but the process's caches and Redis, else None (the request is then
+        answered in a thread by the full WSGI application, this lane included). Never
+        touches the database, so it sends no request signals (they only manage database
+        connections)."""
+        if not self.enabled or environ.get("SCRIPT_NAME"):
+            return None
+        try:
+            response = self._answer(environ, body, inline=True)
+        except NeedsDatabase:
+            return None
+        except (APIException, BillingError, ValidationError):
+            return None
+        except Exception:  # noqa: BLE001 - a fault here must not cost the answer
+            logger.exception("entitlement check on the event loop failed; a thread answers")
+            return None
+        if response is not None:
+            self.served_inline += 1
+        return response
+
+    def _answer(self, environ, body: bytes, *, inline: bool = False) -> HttpResponse | None:
+        """The check's answer, or None for the full stack to give it. `inline`: without the
+        database (NeedsDatabase when it would be needed), the rate limit counted last so
+        that a request handed on for that reason is counted once, by the full stack."""
         from django.core.handlers.wsgi import WSGIRequest
 
         environ["wsgi.input"] = io.BytesIO(body)
@@ -126,17 +150,13 @@ class EntitlementCheckFastLane:
         # In the order DRF's APIView takes them: authentication, scope, rate limit, and
         # only then the body (an unauthenticated request costs no parsing).
         drf_request = SimpleNamespace(META=request.META, headers=request.headers, method="POST", auth=None)
-        authenticated = ApiKeyAuthentication().authenticate(drf_request)
+        authenticated = (CachedApiKeyAuthentication if inline else ApiKeyAuthentication)().authenticate(drf_request)
         if authenticated is None:
             return None
         drf_request.auth = authenticated[1]
         if not HasApiKeyScope().has_permission(drf_request, self._view):
             return None
-        throttle = ApiKeyRateThrottle()
-        allowed = throttle.allow_request(drf_request, self._view)
-        # Counted once, here: the full stack, if it answers this request, reuses the decision.
-        environ[LANE_DECISION] = (allowed, throttle.wait())
-        if not allowed:
+        if not inline and not self._allowed(environ, drf_request):
             return None
         from billing.api.views import ApiJSONParser
 
@@ -146,13 +166,24 @@ class EntitlementCheckFastLane:
             return None  # a write under the customer's lock: the view's path
         decision = check_entitlement(
             customer_external_id=data["customer"], feature_code=data["feature"], quantity=data["quantity"],
-            reserve=False, reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now())
+            reserve=False, reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now(),
+            cached_only=inline)
+        if inline and not self._allowed(environ, drf_request):
+            return None
         response = HttpResponse(self._renderer.render(s.entitlement_result(decision), "application/json"),
                                 content_type="application/json")
         response["Allow"] = "POST, OPTIONS"  # as DRF's APIView answers
         for middleware in self._response_middleware:
             response = middleware.process_response(request, response)
         return response
+
+
+    def _allowed(self, environ, drf_request) -> bool:
+        throttle = ApiKeyRateThrottle()
+        allowed = throttle.allow_request(drf_request, self._view)
+        # Counted once, here: the full stack, if it answers this request, reuses the decision.
+        environ[LANE_DECISION] = (allowed, throttle.wait())
+        return allowed
 
 
 def _read_body(environ) -> bytes | None:

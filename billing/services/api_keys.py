@@ -10,6 +10,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db import transaction
 
+from billing.errors import NeedsDatabase
 from billing.models import ApiKey
 
 ALL_SCOPES = [choice.value for choice in ApiKey.Scope]
@@ -41,8 +42,10 @@ _recently_authenticated: dict[str, tuple[ApiKey, float]] = {}
 _RECENT_MAX = 1000
 
 
-def api_key_authenticate(key: str) -> ApiKey | None:
-    """The active key matching `key`, or None. Compared in constant time."""
+def api_key_authenticate(key: str, *, cached_only: bool = False) -> ApiKey | None:
+    """The active key matching `key`, or None. Compared in constant time. With
+    `cached_only`, a key this process has not authenticated lately raises NeedsDatabase
+    instead of being looked up."""
     parts = key.split("_")
     if len(parts) < 3 or parts[0] != "ovg":
         return None
@@ -50,6 +53,8 @@ def api_key_authenticate(key: str) -> ApiKey | None:
     recent = _recently_authenticated.get(digest)
     if recent is not None and time.monotonic() - recent[1] < settings.OVERAGE_API_KEY_CACHE_SECONDS:
         return recent[0]
+    if cached_only:
+        raise NeedsDatabase("API key not authenticated by this process lately")
     api_key = ApiKey.objects.filter(prefix=parts[1], revoked_at__isnull=True).first()
     if api_key is None or not hmac.compare_digest(api_key.key_hash, digest):
         _recently_authenticated.pop(digest, None)

@@ -32,14 +32,18 @@ class EntitlementDecision:
 
 
 def check_entitlement(*, customer_external_id: str, feature_code: str, quantity: Decimal, now: datetime,
-                      reserve: bool = False, reservation_ttl_seconds: int | None = None) -> EntitlementDecision:
+                      reserve: bool = False, reservation_ttl_seconds: int | None = None,
+                      cached_only: bool = False) -> EntitlementDecision:
     """Decide whether `quantity` of `feature_code` may be used now, with the same rules
     an event would be charged by. With `reserve`, hold the credits (and the overage
     room under the cap) until an event settles the reservation, it is released, or it
     expires."""
     if not reserve:
-        return _check_position(customer_position(customer_external_id=customer_external_id, now=now),
-                               feature_code, quantity, now)
+        # cached_only: answer from a cached position or raise NeedsDatabase (the check server's event loop).
+        return _check_position(customer_position(customer_external_id=customer_external_id, now=now,
+                                                 cached_only=cached_only), feature_code, quantity, now)
+    if cached_only:
+        raise NeedsDatabase("a reservation is written under the customer's lock")
     customer = Customer.objects.filter(external_id=customer_external_id).first()
     if customer is None:
         raise NotFound(f"No customer with external_id {customer_external_id!r}.", code="customer_not_found",

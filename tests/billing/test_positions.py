@@ -16,6 +16,7 @@ from billing.models import Customer
 from billing.services.entitlements import check_entitlement
 from billing.services.ledger import grant_credits_once
 from billing.services.metering import EventInput, record_event
+from billing.services import positions
 from billing.services.positions import POSITION_KEY, _build
 from plans.models import Feature, FeatureCost
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
@@ -135,20 +136,38 @@ def test_with_the_cache_down_checks_come_from_the_database(acme, settings):
     assert check("2").reason == "overage"
 
 
-def test_positions_built_together_do_not_expire_together(acme, django_assert_num_queries):
-    """Each position lives between half and all of OVERAGE_POSITION_CACHE_SECONDS (30 s
-    here), drawn when it is built: customers whose positions were built in the same
-    instant are rebuilt over 15 s, not in one burst of database reads."""
+def test_positions_built_together_are_not_due_together(acme):
+    """Each position's lifetime, from which it is rebuilt in the background, is drawn
+    between half and all of OVERAGE_POSITION_CACHE_SECONDS (30 s here): customers whose
+    positions were built in the same instant are refreshed over 15 s, not in one burst."""
     lifetimes = {_build("acme", NOW, generation="", catalogue="").lifetime for _ in range(50)}
     assert len(lifetimes) > 40
     assert all(timedelta(seconds=15) <= lifetime <= timedelta(seconds=30) for lifetime in lifetimes)
 
+
+@pytest.mark.django_db(transaction=True)  # the background rebuild reads through its own connection
+def test_a_position_past_its_lifetime_is_answered_and_rebuilt_in_the_background():
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    make_customer(pro_plan(overage_cap=Decimal("5")), started_at=utc(2026, 5, 1), external_id="acme")
     with time_machine.travel(NOW, tick=False):
-        check()
-    at = NOW + timedelta(seconds=14.9)
-    with time_machine.travel(at, tick=False), django_assert_num_queries(0):
-        check(now=at)  # younger than any lifetime: from the cache
+        first = check()
+    positions._recent["acme"].lifetime = timedelta(seconds=15)  # the draw, made certain
+    later = NOW + timedelta(seconds=20)
+    with time_machine.travel(later, tick=False):
+        with CaptureQueriesContext(connection) as queries:
+            assert check(now=later) == first  # answered at once from the position it has
+        assert len(queries) == 0
+        positions._refresher.submit(lambda: None).result(timeout=30)  # the rebuild queued before it is done
+        assert positions._recent["acme"].built_at == later
+        with CaptureQueriesContext(connection) as queries:
+            assert check(now=later) == first
+        assert len(queries) == 0
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_position_as_old_as_the_setting_is_rebuilt_before_answering(acme):
+    check()
     at = NOW + timedelta(seconds=30)
     with time_machine.travel(at, tick=False), CaptureQueriesContext(connection) as queries:
         assert check(now=at).credits_remaining == Decimal("10000")
-    assert len(queries) > 0  # as old as the setting: rebuilt from the database
+    assert len(queries) > 0

@@ -1,0 +1,133 @@
+"""The check server: an ASGI application for gunicorn's asyncio worker
+(`gunicorn config.asgi:application --worker-class asgi`) that answers plain entitlement
+checks on its event loop, and every other request through the WSGI application in a
+thread pool.
+
+Why a second server for one endpoint: integrators ask before every call they serve, so
+checks come at the rate of their traffic. In gunicorn's threaded worker a plain check
+cost 1.0-1.3 ms of CPU, of which the check itself (the fast lane: authentication, rate
+limit, a Redis read of two tokens, the decision, the answer) was 0.5 ms; the rest was the
+worker's hand-offs between its threads and the GIL they share. On the event loop the same
+check costs about 0.7 ms, with no thread hand-off (docs/benchmarks.md).
+
+A request goes:
+- `POST /api/v1/entitlements/check` with a declared body of at most 4 KB: read on the
+  loop, then `EntitlementCheckFastLane.answer_inline`, which answers from the process's
+  caches and Redis only: an API key this process authenticated lately, a cached credit
+  position whose tokens still match. It never touches PostgreSQL (Django refuses database
+  access on an event loop; anything that would need it raises NeedsDatabase);
+- everything else, and a check that needs the database (a key not seen lately, a
+  position to rebuild after a write, a reservation, any refusal or error answer): the
+  WSGI application of config/wsgi.py, fast lane included, in a thread through a2wsgi,
+  exactly as the threaded server would answer it.
+
+The inline checks all run in one context: Django keeps its cache connections per
+context, and a fresh one per request opened a new Redis connection for every check.
+"""
+
+import contextvars
+import io
+
+from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi import build_environ
+from django.conf import settings
+
+from billing.api.fast_lane import CHECK_PATH, MAX_BODY_BYTES
+from billing.api.throttling import LANE_DECISION
+
+
+class CheckServer:
+    def __init__(self, wsgi_application, *, threads: int | None = None):
+        self.lane = wsgi_application  # the EntitlementCheckFastLane of config/wsgi.py
+        self.threaded = WSGIMiddleware(_DecisionCarried(wsgi_application),
+                                       workers=threads or settings.OVERAGE_CHECK_SERVER_THREADS)
+        self._context = contextvars.copy_context()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CHECK_PATH
+                and _declared_length(scope) is not None):
+            messages, body = await _read_body(receive)
+            if body is not None:
+                environ = build_environ(scope, io.BytesIO(body))
+                response = self._context.run(self.lane.answer_inline, environ, body)
+                if response is not None:
+                    await _send_response(response, send)
+                    return
+                if LANE_DECISION in environ:  # counted on the loop: the thread reuses the decision
+                    scope = dict(scope, **{LANE_DECISION: environ[LANE_DECISION]})
+            receive = _replay(messages, receive)
+        await self.threaded(scope, receive, send)
+
+
+class _DecisionCarried:
+    """The WSGI application for the threads, given the rate-limit decision the event loop
+    already counted for this request (a2wsgi puts the scope in the environ), so that a
+    check refused on the loop is counted once."""
+
+    def __init__(self, wsgi_application):
+        self.wsgi_application = wsgi_application
+
+    def __call__(self, environ, start_response):
+        decision = environ.get("asgi.scope", {}).get(LANE_DECISION)
+        if decision is not None:
+            environ[LANE_DECISION] = decision
+        return self.wsgi_application(environ, start_response)
+
+
+def _declared_length(scope) -> int | None:
+    """The declared body size when it is a plain number up to MAX_BODY_BYTES, else None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+            return length if 0 < length <= min(MAX_BODY_BYTES, settings.OVERAGE_API_MAX_BODY_BYTES) else None
+    return None
+
+
+async def _read_body(receive) -> tuple[list[dict], bytes | None]:
+    """The messages read and the whole body, or None for the body when the client
+    disconnected or sent more than MAX_BODY_BYTES (the threaded path then answers, with
+    the messages replayed)."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        size += len(message.get("body", b""))
+        if size > MAX_BODY_BYTES:
+            return messages, None
+        if not message.get("more_body", False):
+            return messages, b"".join(m.get("body", b"") for m in messages)
+
+
+def _replay(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replayed():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+async def _send_response(response, send) -> None:
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.items()]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": response.content})
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
