@@ -6,7 +6,7 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
-from billing.errors import NeedsDatabase
+from billing.services.refresh_ahead import refresh_later
 from billing.models import ApiKey
 from billing.services.api_keys import api_key_authenticate
 
@@ -29,10 +29,10 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
         now = timezone.now()
         if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
-            if self.cached_only:
-                raise NeedsDatabase("the key's last use is due to be recorded")
-            ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
-            api_key.last_used_at = now  # the object may be the process's cached copy
+            if self.cached_only:  # recorded in the background: the event loop never writes
+                refresh_later(f"api-key-used:{api_key.pk}", lambda: _record_use(api_key, now))
+            else:
+                _record_use(api_key, now)
         return (None, api_key)
 
     def authenticate_header(self, request):
@@ -40,10 +40,15 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return self.keyword
 
 
+def _record_use(api_key: ApiKey, now) -> None:
+    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    api_key.last_used_at = now  # the object may be the process's cached copy
+
+
 class CachedApiKeyAuthentication(ApiKeyAuthentication):
-    """The same authentication without the database: a key this process has not
-    authenticated lately, or whose last use is due to be recorded, raises NeedsDatabase
-    (the check server's event loop, which must not block on PostgreSQL)."""
+    """The same authentication without the database (the check server's event loop, which
+    must not block on PostgreSQL): a key this process has not authenticated lately raises
+    NeedsDatabase; a last use due to be recorded is recorded in the background."""
 
     cached_only = True
 

@@ -15,7 +15,9 @@ A request goes:
   loop, then `EntitlementCheckFastLane.answer_inline`, which answers from the process's
   caches and Redis only: an API key this process authenticated lately, a cached credit
   position whose tokens still match. It never touches PostgreSQL (Django refuses database
-  access on an event loop; anything that would need it raises NeedsDatabase);
+  access on an event loop; anything that would need it raises NeedsDatabase). What keeps
+  those caches warm (a position past its lifetime, a key's copy past half its time, the
+  key's last use) is done in a background thread (billing/services/refresh_ahead.py);
 - everything else, and a check that needs the database (a key not seen lately, a
   position to rebuild after a write, a reservation, any refusal or error answer): the
   WSGI application of config/wsgi.py, fast lane included, in a thread through a2wsgi,

@@ -12,6 +12,7 @@ from django.db import transaction
 
 from billing.errors import NeedsDatabase
 from billing.models import ApiKey
+from billing.services.refresh_ahead import refresh_later
 
 ALL_SCOPES = [choice.value for choice in ApiKey.Scope]
 
@@ -51,11 +52,21 @@ def api_key_authenticate(key: str, *, cached_only: bool = False) -> ApiKey | Non
         return None
     digest = _hash(key)
     recent = _recently_authenticated.get(digest)
-    if recent is not None and time.monotonic() - recent[1] < settings.OVERAGE_API_KEY_CACHE_SECONDS:
-        return recent[0]
+    if recent is not None:
+        age = time.monotonic() - recent[1]
+        if age < settings.OVERAGE_API_KEY_CACHE_SECONDS:
+            if cached_only and age >= settings.OVERAGE_API_KEY_CACHE_SECONDS / 2:
+                # Looked up again in the background before it expires, so that the checks of
+                # the instant it expires are not all sent to the database at once.
+                refresh_later(f"api-key:{digest}", lambda: _look_up(parts[1], digest))
+            return recent[0]
     if cached_only:
         raise NeedsDatabase("API key not authenticated by this process lately")
-    api_key = ApiKey.objects.filter(prefix=parts[1], revoked_at__isnull=True).first()
+    return _look_up(parts[1], digest)
+
+
+def _look_up(prefix: str, digest: str) -> ApiKey | None:
+    api_key = ApiKey.objects.filter(prefix=prefix, revoked_at__isnull=True).first()
     if api_key is None or not hmac.compare_digest(api_key.key_hash, digest):
         _recently_authenticated.pop(digest, None)
         return None

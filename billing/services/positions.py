@@ -17,8 +17,9 @@ and reused while all of these hold:
   `OVERAGE_POSITION_CACHE_SECONDS` (a bound for a token change lost to a cache outage).
 
 Refresh ahead: from its *lifetime* on, the setting times a factor drawn between ½ and 1
-when it is built, a position is still answered from but rebuilt in the background (one
-thread per process, one rebuild per customer at a time), so a busy customer's checks do
+when it is built, a position is still answered from but rebuilt in the background
+(billing/services/refresh_ahead.py: one thread per process, one rebuild per customer at
+a time), so a busy customer's checks do
 not wait for a rebuild every 30 s, and positions built together (a restart, a warm-up)
 are not all rebuilt in the same instant. Rebuilding on the request path every 30 s made
 the check's p99 five times its p50 (docs/benchmarks.md).
@@ -34,9 +35,7 @@ unreachable, positions are built from the database every time: slower, never wro
 
 import logging
 import random
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -48,6 +47,7 @@ from django.db.models import prefetch_related_objects
 from billing.errors import NeedsDatabase, NotFound
 from billing.models import BillingPeriod, CreditGrant, Customer, Subscription
 from billing.services.commit_hooks import after_commit
+from billing.services.refresh_ahead import refresh_later
 from plans.models import Feature, FeatureCost
 
 logger = logging.getLogger(__name__)
@@ -99,11 +99,8 @@ def customer_position(*, customer_external_id: str, now: datetime, cached_only: 
                     and position.usable_at(now))
 
         position = _recent.get(customer_external_id)
-        if valid(position) and not position.due_for_refresh(now):
-            return position
-        shared = cache.get(POSITION_KEY.format(customer_external_id))  # another process may have rebuilt it
-        if valid(shared) and (not valid(position) or shared.built_at > position.built_at):
-            position = shared
+        if not valid(position):
+            position = cache.get(POSITION_KEY.format(customer_external_id))  # another process's, maybe
     except Exception:  # noqa: BLE001 - the cache is an optimisation; the database is the truth
         if cached_only:
             raise NeedsDatabase("the position cache is unreachable") from None
@@ -111,7 +108,7 @@ def customer_position(*, customer_external_id: str, now: datetime, cached_only: 
         return _build(customer_external_id, now, generation="", catalogue="")
     if valid(position):
         if position.due_for_refresh(now):
-            _refresh_later(customer_external_id)
+            refresh_later(f"position:{customer_external_id}", lambda: _refresh(customer_external_id))
     elif cached_only:
         raise NeedsDatabase("the position must be built")
     else:
@@ -138,46 +135,14 @@ def _build_and_cache(customer_external_id: str, now: datetime, *, generation: st
     return position
 
 
-# --- Refresh ahead -------------------------------------------------------------------------
-
-_refreshing: set[str] = set()  # customers whose rebuild is queued or running in this process
-_refresh_lock = threading.Lock()
-_refresher: ThreadPoolExecutor | None = None
-
-
-def _refresh_later(customer_external_id: str) -> None:
-    global _refresher
-    with _refresh_lock:
-        if customer_external_id in _refreshing:
-            return
-        _refreshing.add(customer_external_id)
-        if _refresher is None:  # made on first use: after gunicorn's fork, in the process that uses it
-            _refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overage-position-refresh")
-        executor = _refresher
-    try:
-        executor.submit(_refresh, customer_external_id)
-    except RuntimeError:  # the interpreter is shutting down
-        with _refresh_lock:
-            _refreshing.discard(customer_external_id)
-
-
 def _refresh(customer_external_id: str) -> None:
     """Rebuild and cache a position whose lifetime has passed (tokens read first, as a
-    check does). A failure is logged: the position then ages out at the setting and the
-    next check rebuilds it on its own path."""
-    from django.db import connection
+    check does)."""
     from django.utils import timezone
 
-    try:
-        generation, catalogue = _tokens(customer_external_id)
-        _remember(customer_external_id, _build_and_cache(customer_external_id, timezone.now(),
-                                                         generation=generation, catalogue=catalogue))
-    except Exception:  # noqa: BLE001 - a background optimisation; never raise into the executor
-        logger.warning("could not refresh the position of %s", customer_external_id, exc_info=True)
-    finally:
-        connection.close()  # a few rebuilds a second: a connection held between them would outlive its requests
-        with _refresh_lock:
-            _refreshing.discard(customer_external_id)
+    generation, catalogue = _tokens(customer_external_id)
+    _remember(customer_external_id, _build_and_cache(customer_external_id, timezone.now(),
+                                                     generation=generation, catalogue=catalogue))
 
 
 # The positions this process used last, by customer. A check whose tokens match the one

@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -25,7 +26,7 @@ from django.core.cache import cache
 
 from billing.api.check_server import CheckServer
 from billing.models import ApiKey, Reservation
-from billing.services import api_keys, positions
+from billing.services import api_keys, positions, refresh_ahead
 from billing.services.api_keys import api_key_create
 from billing.services.metering import EventInput, record_event
 from config.wsgi import application
@@ -214,17 +215,44 @@ def test_a_body_in_several_messages_is_read_whole_by_either_path(server, key):
 
 def test_the_keys_last_use_is_still_recorded_when_checks_are_answered_on_the_event_loop(server, ingest_key,
                                                                                           settings):
-    """The key's last use is written at most once a minute, by a thread: a check due to
-    write it is not answered on the event loop."""
+    """The key's last use is written at most once a minute; when a check on the event loop
+    finds it due, the check is answered there and the write is made in the background
+    (the event loop never writes)."""
     settings.OVERAGE_POSITION_CACHE_SECONDS = 600  # the position outlives the minute
+    settings.OVERAGE_API_KEY_CACHE_SECONDS = 600  # and so does the process's copy of the key
     api_key, key = ingest_key
     with time_machine.travel(NOW, tick=False):
         assert [send(server, http(key=key)).by for _ in range(2)] == ["lane in a thread", "event loop"]
     later = NOW + timedelta(seconds=61)
     with time_machine.travel(later, tick=False):
-        assert [send(server, http(key=key)).by for _ in range(2)] == ["lane in a thread", "event loop"]
+        assert [send(server, http(key=key)).by for _ in range(2)] == ["event loop", "event loop"]
+        refresh_ahead.drained().result(timeout=30)
     api_key.refresh_from_db()
     assert api_key.last_used_at == later
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_key_is_looked_up_again_in_the_background_before_its_copy_expires(server, ingest_key, settings):
+    """From half of OVERAGE_API_KEY_CACHE_SECONDS on, a check on the event loop keeps
+    using the process's copy of the key and has it looked up again in the background: the
+    checks of the instant it would have expired are not all sent to threads at once."""
+    settings.OVERAGE_API_KEY_CACHE_SECONDS = 5
+    api_key, key = ingest_key
+    assert [send(server, http(key=key)).by for _ in range(2)] == ["lane in a thread", "event loop"]
+    digest = api_keys._hash(key)
+    aged = time.monotonic() - 3  # past half of its 5 s
+    api_keys._recently_authenticated[digest] = (api_keys._recently_authenticated[digest][0], aged)
+    assert send(server, http(key=key)).by == "event loop"
+    refresh_ahead.drained().result(timeout=30)
+    assert api_keys._recently_authenticated[digest][1] > aged + 2  # looked up again just now
+
+    api_key.revoked_at = NOW  # revoked elsewhere: the next lookup drops the copy
+    api_key.save(update_fields=["revoked_at"])
+    api_keys._recently_authenticated[digest] = (api_keys._recently_authenticated[digest][0], time.monotonic() - 3)
+    assert send(server, http(key=key)).by == "event loop"  # within its 5 s, as in any process
+    refresh_ahead.drained().result(timeout=30)
+    refused = send(server, http(key=key))
+    assert (refused.status, refused.by) == (401, "django in a thread")
 
 
 @time_machine.travel(NOW, tick=False)

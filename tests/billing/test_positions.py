@@ -16,7 +16,7 @@ from billing.models import Customer
 from billing.services.entitlements import check_entitlement
 from billing.services.ledger import grant_credits_once
 from billing.services.metering import EventInput, record_event
-from billing.services import positions
+from billing.services import positions, refresh_ahead
 from billing.services.positions import POSITION_KEY, _build
 from plans.models import Feature, FeatureCost
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
@@ -157,7 +157,7 @@ def test_a_position_past_its_lifetime_is_answered_and_rebuilt_in_the_background(
         with CaptureQueriesContext(connection) as queries:
             assert check(now=later) == first  # answered at once from the position it has
         assert len(queries) == 0
-        positions._refresher.submit(lambda: None).result(timeout=30)  # the rebuild queued before it is done
+        refresh_ahead.drained().result(timeout=30)  # the rebuild queued before it is done
         assert positions._recent["acme"].built_at == later
         with CaptureQueriesContext(connection) as queries:
             assert check(now=later) == first
