@@ -69,18 +69,28 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def start(self, request: bytes, timeout: float, on_done) -> None:
-        """Write one request; `on_done(status, body)` or `on_done(None, error)` is called
-        once, from the event loop (callbacks, not a task per request: cheaper)."""
+    def _write(self, request: bytes, timeout: float) -> asyncio.Future:
+        """Write one request: the future gets (status, body), or the error (none within
+        `timeout`, connection lost)."""
         if self.closed:
-            on_done(None, HttpError("connection closed"))
-            return
+            raise HttpError("connection closed")
         loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
         timer = loop.call_later(timeout, self._fail, HttpError(f"no answer within {timeout:.0f} s"))
+        waiter.add_done_callback(lambda _: timer.cancel())
+        self.transport.write(request)
+        return waiter
+
+    def start(self, request: bytes, timeout: float, on_done) -> None:
+        """Write one request; `on_done(status, body)` or `on_done(None, error)` is called
+        once, from the event loop (callbacks, not a task per request: cheaper)."""
+        try:
+            waiter = self._write(request, timeout)
+        except HttpError as error:
+            on_done(None, error)
+            return
 
         def done(future: asyncio.Future) -> None:
-            timer.cancel()
             error = future.exception()
             if error is not None:
                 on_done(None, error)
@@ -88,19 +98,9 @@ class Connection(asyncio.Protocol):
                 on_done(*future.result())
 
         waiter.add_done_callback(done)
-        self.transport.write(request)
 
     async def send(self, request: bytes, timeout: float) -> tuple[int, bytes]:
-        if self.closed:
-            raise HttpError("connection closed")
-        loop = asyncio.get_running_loop()
-        self.waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, self._fail, HttpError(f"no answer within {timeout:.0f} s"))
-        self.transport.write(request)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+        return await self._write(request, timeout)
 
 
 class Client:

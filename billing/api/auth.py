@@ -6,9 +6,9 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
-from billing.services.refresh_ahead import refresh_later
 from billing.models import ApiKey
 from billing.services.api_keys import api_key_authenticate
+from billing.services.refresh_ahead import refresh_later
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # avoid a write on every request
 

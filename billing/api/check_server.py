@@ -8,7 +8,7 @@ checks come at the rate of their traffic. In gunicorn's threaded worker a plain 
 cost 1.0-1.3 ms of CPU, of which the check itself (the fast lane: authentication, rate
 limit, a Redis read of two tokens, the decision, the answer) was 0.5 ms; the rest was the
 worker's hand-offs between its threads and the GIL they share. On the event loop the same
-check costs about 0.7 ms, with no thread hand-off (docs/benchmarks.md).
+check costs 0.75-0.9 ms, with no thread hand-off (docs/benchmarks.md).
 
 A request goes:
 - `POST /api/v1/entitlements/check` with a declared body of at most 4 KB: read on the

@@ -96,13 +96,7 @@ class EntitlementCheckFastLane:
         response = None
         if body is not None:
             signals.request_started.send(sender=self.__class__, environ=environ)
-            try:
-                response = self._answer(environ, body)
-            except (APIException, BillingError, ValidationError):
-                response = None  # refused: the full stack answers with the error body
-            except Exception:  # noqa: BLE001 - a fault here must not cost the answer
-                logger.exception("entitlement check fast lane failed; the full stack answers")
-                response = None
+            response = self._answer_or_none(environ, body, inline=False)
             environ["wsgi.input"] = io.BytesIO(body)  # for the full stack, if it answers
         if response is None:
             return self.django_app(environ, start_response)
@@ -118,18 +112,22 @@ class EntitlementCheckFastLane:
         connections)."""
         if not self.enabled or environ.get("SCRIPT_NAME"):
             return None
-        try:
-            response = self._answer(environ, body, inline=True)
-        except NeedsDatabase:
-            return None
-        except (APIException, BillingError, ValidationError):
-            return None
-        except Exception:  # noqa: BLE001 - a fault here must not cost the answer
-            logger.exception("entitlement check on the event loop failed; a thread answers")
-            return None
+        response = self._answer_or_none(environ, body, inline=True)
         if response is not None:
             self.served_inline += 1
         return response
+
+    def _answer_or_none(self, environ, body: bytes, *, inline: bool) -> HttpResponse | None:
+        """`_answer`, with None for what the full stack answers: a refusal (it renders the
+        error body), a check that needs the database (inline), or a fault here."""
+        try:
+            return self._answer(environ, body, inline=inline)
+        except (APIException, BillingError, ValidationError, NeedsDatabase):
+            return None
+        except Exception:  # noqa: BLE001 - a fault here must not cost the answer
+            logger.exception("entitlement check %s failed; the full stack answers",
+                             "on the event loop" if inline else "fast lane")
+            return None
 
     def _answer(self, environ, body: bytes, *, inline: bool = False) -> HttpResponse | None:
         """The check's answer, or None for the full stack to give it. `inline`: without the
@@ -176,7 +174,6 @@ class EntitlementCheckFastLane:
         for middleware in self._response_middleware:
             response = middleware.process_response(request, response)
         return response
-
 
     def _allowed(self, environ, drf_request) -> bool:
         throttle = ApiKeyRateThrottle()

@@ -15,16 +15,16 @@ and reused while all of these hold:
 - the catalogue token is unchanged (any save of a plan, tier, feature or feature cost);
 - `now` is still inside the position's period, and the position is younger than
   `OVERAGE_POSITION_CACHE_SECONDS` (a bound for a token change lost to a cache outage).
+  The setting is 0 (off) unless Redis is configured: a per-process cache would not see
+  the other processes' token changes.
 
 Refresh ahead: from its *lifetime* on, the setting times a factor drawn between ½ and 1
 when it is built, a position is still answered from but rebuilt in the background
 (billing/services/refresh_ahead.py: one thread per process, one rebuild per customer at
-a time), so a busy customer's checks do
-not wait for a rebuild every 30 s, and positions built together (a restart, a warm-up)
-are not all rebuilt in the same instant. Rebuilding on the request path every 30 s made
-the check's p99 five times its p50 (docs/benchmarks.md).
-  The setting is 0 (off) unless Redis is configured: a per-process cache would not see
-  the other processes' token changes.
+a time), so a busy customer's checks do not wait for a rebuild every 30 s, and positions
+built together (a restart, a warm-up) are not all rebuilt in the same instant. Rebuilding
+on the request path every 30 s made the check's p99 five times its p50
+(docs/benchmarks.md).
 
 Guarantee: a check answers from a position reflecting every write whose commit
 finished before the check began, except in the instant between a write's commit and
