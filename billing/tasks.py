@@ -5,6 +5,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
+from billing.services import positions
 from billing.services.ledger import expire_credit_grants
 
 
@@ -42,6 +43,13 @@ def close_periods_task(period_ids: list[int]) -> int:
 
 
 # --- Alerts and outgoing webhooks -------------------------------------------------------
+
+@shared_task(acks_late=False, ignore_result=True)
+def rebuild_position_task(customer_external_id: str) -> None:
+    """Refresh ahead of a cached credit position, out of the check processes. Not
+    acks_late: a rebuild lost with its worker is asked for again once its lease lapses."""
+    positions.rebuild_position(customer_external_id)
+
 
 @shared_task(acks_late=True)
 def check_alerts_task(customer_id: int, period_id: int, cap_event_id: str | None = None) -> int:

@@ -53,6 +53,19 @@ def send_task(task, args: tuple, options: dict) -> None:
         _defer(task, args, options)
 
 
+def prepare_to_send_tasks(app) -> None:
+    """Pay a process's first task send up front: loading the result backend, connecting
+    to the broker and declaring the queue cost ~60 ms of CPU (measured), which the check
+    server would otherwise spend beside its event loop on its first refresh ahead. In
+    embedded mode (tasks run where they are sent) there is nothing to prepare."""
+    if app.conf.task_always_eager:
+        return
+    app.backend  # noqa: B018 - loaded on first use, by scanning installed entry points
+    with app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection(max_retries=1)
+        producer.maybe_declare(app.amqp.queues[app.conf.task_default_queue])
+
+
 def _defer(task, args: tuple, options: dict) -> None:
     from billing.models import DeferredTask
 

@@ -19,12 +19,18 @@ and reused while all of these hold:
   the other processes' token changes.
 
 Refresh ahead: from its *lifetime* on, the setting times a factor drawn between ½ and 1
-when it is built, a position is still answered from but rebuilt in the background
-(billing/services/refresh_ahead.py: one thread per process, one rebuild per customer at
+when it is built, a position is still answered from but refreshed in the background
+(billing/services/refresh_ahead.py: one thread per process, one refresh per customer at
 a time), so a busy customer's checks do not wait for a rebuild every 30 s, and positions
 built together (a restart, a warm-up) are not all rebuilt in the same instant. Rebuilding
 on the request path every 30 s made the check's p99 five times its p50
-(docs/benchmarks.md).
+(docs/benchmarks.md). The refresh adopts the shared copy in Redis when another process
+has rebuilt it since; otherwise it takes the customer's rebuild lease (one for all
+processes) and leaves the rebuild to a Celery task, so the check processes only read
+Redis: a rebuild's ~10 ms of ORM work beside a check server's event loop held up the
+checks around it (the p99 of 11-17 ms). Without a broker the task runs in the refresh
+thread, as before. If no worker runs, positions reach the hard bound and are rebuilt
+on the check's path: slower, never wrong.
 
 Guarantee: a check answers from a position reflecting every write whose commit
 finished before the check began, except in the instant between a write's commit and
@@ -53,6 +59,9 @@ from plans.models import Feature, FeatureCost
 logger = logging.getLogger(__name__)
 
 POSITION_KEY = "overage:position:{}"
+REBUILD_KEY = "overage:position-rebuild:{}"  # the lease of the one rebuild asked for, across processes
+REBUILD_LEASE_SECONDS = 10  # a rebuild lost (worker killed) is asked for again after this
+REFRESH_RETRY = timedelta(seconds=1)  # a process asks again for a due position at most this often
 GENERATION_KEY = "overage:position-generation:{}"
 CATALOGUE_KEY = "overage:position-catalogue"
 
@@ -73,6 +82,8 @@ class Position:
     # When a background rebuild is due: at most OVERAGE_POSITION_CACHE_SECONDS, drawn per
     # position (see the module's docstring).
     lifetime: timedelta | None = None
+    # When this process last asked for it to be refreshed (not shared: set after caching).
+    refresh_asked_at: datetime | None = None
 
     def usable_at(self, now: datetime) -> bool:
         fresh = now - self.built_at < timedelta(seconds=settings.OVERAGE_POSITION_CACHE_SECONDS)
@@ -81,6 +92,9 @@ class Position:
 
     def due_for_refresh(self, now: datetime) -> bool:
         return self.lifetime is None or now - self.built_at >= self.lifetime
+
+    def valid_for(self, generation: str, catalogue: str, now: datetime) -> bool:
+        return (self.generation, self.catalogue) == (generation, catalogue) and self.usable_at(now)
 
 
 def customer_position(*, customer_external_id: str, now: datetime, cached_only: bool = False) -> Position:
@@ -95,8 +109,7 @@ def customer_position(*, customer_external_id: str, now: datetime, cached_only: 
         generation, catalogue = _tokens(customer_external_id)
 
         def valid(position: Position | None) -> bool:
-            return (position is not None and (position.generation, position.catalogue) == (generation, catalogue)
-                    and position.usable_at(now))
+            return position is not None and position.valid_for(generation, catalogue, now)
 
         position = _recent.get(customer_external_id)
         if not valid(position):
@@ -107,7 +120,9 @@ def customer_position(*, customer_external_id: str, now: datetime, cached_only: 
         logger.warning("position cache unreachable; checking from the database", exc_info=True)
         return _build(customer_external_id, now, generation="", catalogue="")
     if valid(position):
-        if position.due_for_refresh(now):
+        if position.due_for_refresh(now) and (position.refresh_asked_at is None
+                                               or now - position.refresh_asked_at >= REFRESH_RETRY):
+            position.refresh_asked_at = now
             refresh_later(f"position:{customer_external_id}", lambda: _refresh(customer_external_id))
     elif cached_only:
         raise NeedsDatabase("the position must be built")
@@ -136,13 +151,34 @@ def _build_and_cache(customer_external_id: str, now: datetime, *, generation: st
 
 
 def _refresh(customer_external_id: str) -> None:
-    """Rebuild and cache a position whose lifetime has passed (tokens read first, as a
-    check does)."""
+    """Refresh a position past its lifetime (in the refresh-ahead thread): adopt the
+    shared copy if it is newer and current, else ask for one rebuild for all processes."""
     from django.utils import timezone
 
+    from billing import tasks  # lazily: services never import celery tasks at import time
+
+    now = timezone.now()
     generation, catalogue = _tokens(customer_external_id)
-    _remember(customer_external_id, _build_and_cache(customer_external_id, timezone.now(),
-                                                     generation=generation, catalogue=catalogue))
+    shared = cache.get(POSITION_KEY.format(customer_external_id))
+    if shared is not None and shared.valid_for(generation, catalogue, now) and not shared.due_for_refresh(now):
+        _remember(customer_external_id, shared)
+    elif cache.add(REBUILD_KEY.format(customer_external_id), now.isoformat(), timeout=REBUILD_LEASE_SECONDS):
+        # Not kept for later if the broker is down (as follow-ups are): the lease then
+        # lapses and a later check asks again.
+        tasks.rebuild_position_task.apply_async((customer_external_id,), retry=False)
+
+
+def rebuild_position(customer_external_id: str) -> None:
+    """Build and cache a customer's position (tokens read first, as a check does), and
+    release its rebuild lease: the Celery task behind refresh ahead."""
+    from django.utils import timezone
+
+    try:
+        generation, catalogue = _tokens(customer_external_id)
+        position = _build_and_cache(customer_external_id, timezone.now(), generation=generation, catalogue=catalogue)
+        _remember(customer_external_id, position)  # the asking process's own, when the task ran in it
+    finally:
+        cache.delete(REBUILD_KEY.format(customer_external_id))
 
 
 # The positions this process used last, by customer. A check whose tokens match the one

@@ -49,6 +49,14 @@ def uncached(quantity="1", now=NOW):
     return _check_position(_build("acme", now, generation="", catalogue=""), "gpt-4o", Decimal(quantity), now)
 
 
+def make_due_from(seconds):
+    """The position's lifetime, drawn at random when built, made certain here and in the
+    shared copy (a refresh adopts a shared copy that is not due)."""
+    position = positions._recent["acme"]
+    position.lifetime = timedelta(seconds=seconds)
+    cache.set(POSITION_KEY.format("acme"), position)
+
+
 def event(event_id, quantity, now=NOW):
     record_event(event=EventInput(event_id=event_id, customer="acme", feature="gpt-4o", quantity=Decimal(quantity),
                                   timestamp=now), now=now)
@@ -151,7 +159,7 @@ def test_a_position_past_its_lifetime_is_answered_and_rebuilt_in_the_background(
     make_customer(pro_plan(overage_cap=Decimal("5")), started_at=utc(2026, 5, 1), external_id="acme")
     with time_machine.travel(NOW, tick=False):
         first = check()
-    positions._recent["acme"].lifetime = timedelta(seconds=15)  # the draw, made certain
+    make_due_from(15)
     later = NOW + timedelta(seconds=20)
     with time_machine.travel(later, tick=False):
         with CaptureQueriesContext(connection) as queries:
@@ -162,6 +170,56 @@ def test_a_position_past_its_lifetime_is_answered_and_rebuilt_in_the_background(
         with CaptureQueriesContext(connection) as queries:
             assert check(now=later) == first
         assert len(queries) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_due_position_adopts_the_copy_another_process_rebuilt():
+    """The refresh of a due position reads the shared copy first: another process (or
+    the worker) rebuilt it a second ago, so it is taken as it is, not built again."""
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    make_customer(pro_plan(overage_cap=Decimal("5")), started_at=utc(2026, 5, 1), external_id="acme")
+    with time_machine.travel(NOW, tick=False):
+        check()
+    make_due_from(15)
+    ours = positions._recent["acme"]
+    elsewhere = NOW + timedelta(seconds=19)
+    with time_machine.travel(elsewhere, tick=False):
+        positions.rebuild_position("acme")  # what the worker does for another process
+        assert cache.get(POSITION_KEY.format("acme")).built_at == elsewhere
+    positions._recent["acme"] = ours  # this process still holds its own, now due
+    later = NOW + timedelta(seconds=20)
+    with time_machine.travel(later, tick=False):
+        check(now=later)
+        refresh_ahead.drained().result(timeout=30)
+    assert positions._recent["acme"].built_at == elsewhere  # adopted, not rebuilt at `later`
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_rebuild_is_asked_for_all_processes_and_retried_once_its_lease_lapses():
+    """While another process holds the customer's rebuild lease, this one keeps
+    answering from its copy and asks again at most once a second; once the lease is
+    gone, its refresh rebuilds (here in the refresh thread: no broker, the task runs
+    where it is sent)."""
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    make_customer(pro_plan(overage_cap=Decimal("5")), started_at=utc(2026, 5, 1), external_id="acme")
+    with time_machine.travel(NOW, tick=False):
+        first = check()
+    make_due_from(15)
+    assert cache.add(positions.REBUILD_KEY.format("acme"), "elsewhere", timeout=60)
+    for seconds in (20, 20.5):
+        at = NOW + timedelta(seconds=seconds)
+        with time_machine.travel(at, tick=False):
+            assert check(now=at) == first
+            refresh_ahead.drained().result(timeout=30)
+        assert positions._recent["acme"].built_at == NOW  # nobody here rebuilt it
+    assert positions._recent["acme"].refresh_asked_at == NOW + timedelta(seconds=20)  # 20.5 s did not ask
+    cache.delete(positions.REBUILD_KEY.format("acme"))  # the other process's rebuild was lost
+    at = NOW + timedelta(seconds=21)
+    with time_machine.travel(at, tick=False):
+        assert check(now=at) == first
+        refresh_ahead.drained().result(timeout=30)
+    assert positions._recent["acme"].built_at == at
+    assert cache.get(positions.REBUILD_KEY.format("acme")) is None  # released by the rebuild
 
 
 @time_machine.travel(NOW, tick=False)
