@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Exists, OuterRef, Q, Sum
 
 from billing.models import BillingPeriod, CreditGrant, LedgerEntry, UsageEvent, UsageRollup
 from plans.money import credits_total
@@ -19,8 +19,10 @@ ZERO = Decimal("0")
 
 
 def ledger_mismatches() -> Iterator[str]:
-    """Yield a readable description of every mismatch: grants, then periods, then
-    events, then rollups."""
+    """Yield a readable description of every mismatch: dangling references, then
+    grants, periods, events and rollups."""
+    yield from dangling_references()
+
     by_grant = {
         grant: credits_total(total)
         for grant, total in LedgerEntry.objects.filter(grant__isnull=False).order_by().values_list("grant")
@@ -77,3 +79,17 @@ def ledger_mismatches() -> Iterator[str]:
         a, r = accepted.get(key, (0, ZERO, ZERO, 0)), rolled.get(key, (0, ZERO, ZERO, 0))
         if a != r:
             yield f"rollups of period {key[0]} feature {key[1]}: events say {a}, rollups say {r}"
+
+
+def dangling_references() -> Iterator[str]:
+    """Rows of the tables kept without database foreign keys (events and ledger entries,
+    see `UsageEvent`) whose reference names no row."""
+    for model in (UsageEvent, LedgerEntry):
+        for field in model._meta.concrete_fields:
+            if not field.is_relation or field.db_constraint:
+                continue
+            target = field.related_model._base_manager.filter(pk=OuterRef(field.attname))
+            dangling = (model._base_manager.filter(**{f"{field.attname}__isnull": False})
+                        .filter(~Exists(target)).order_by("pk").values_list("pk", field.attname))
+            for pk, missing in dangling.iterator():
+                yield f"{model._meta.verbose_name} {pk}: its {field.name} {missing} does not exist"

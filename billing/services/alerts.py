@@ -53,16 +53,15 @@ RUNAWAY_BASELINE = timedelta(hours=24)
 
 # --- Hook for ingestion ---------------------------------------------------------------
 
-def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], percent_crossed: set[int]) -> None:
+def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], thresholds_crossed: set[int]) -> None:
     """Queue the alert checks that `events` (just recorded for one customer, inside its
     transaction) may have earned: a usage check for a period whose included usage
-    crossed a whole percent in this batch (`percent_crossed`, from
-    `periods_crossing_a_percent`; thresholds are whole percents), whose overage started
-    with these events, or where an event was refused at the spend cap; and a runaway
-    check if the period's plan has the guard on. A batch that can have earned nothing
-    queues nothing: at thousands of events a second, a check per batch per customer
-    would cost more than the ingestion. Failing to enqueue is logged, never raised into
-    ingestion (robust=True)."""
+    crossed one of the customer's thresholds in this batch (`thresholds_crossed`, from
+    `periods_crossing_a_threshold`), whose overage started with these events, or where
+    an event was refused at the spend cap; and a runaway check if the period's plan has
+    the guard on. A batch that can have earned nothing queues nothing: at thousands of
+    events a second, a check per batch per customer would cost more than the ingestion.
+    Failing to enqueue is logged, never raised into ingestion (robust=True)."""
     from billing import tasks  # lazily: services never import celery tasks at import time
 
     accepted = [e for e in events if e.status == UsageEvent.Status.ACCEPTED]
@@ -78,22 +77,26 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], percent_
     # The period objects carry the totals after these events.
     overage_started = {pk for pk, added in overage_here.items()
                        if added > ZERO and periods[pk].overage_credits == added}
-    due = (set(periods) & percent_crossed) | overage_started | set(cap_event_by_period)
+    due = (set(periods) & thresholds_crossed) | overage_started | set(cap_event_by_period)
     for period_id in sorted(due):
         enqueue(tasks.check_alerts_task, customer_id, period_id, cap_event_by_period.get(period_id))
     if any(e.period.plan.runaway_multiplier is not None for e in accepted):
         after_commit(schedule_runaway_check, customer_id)
 
 
-def periods_crossing_a_percent(drawn: dict[int, Decimal]) -> set[int]:
-    """Periods whose included usage crossed a whole percent of their included credits
+def periods_crossing_a_threshold(drawn: dict[int, Decimal]) -> set[int]:
+    """Periods whose included usage crossed one of their customer's alert thresholds
     while `drawn` (period → included credits just drawn, already written) was drawn.
-    One query for the whole batch."""
+    Two queries for the whole batch. (A threshold a customer adds below their usage is
+    checked when they save it: `alert_preferences_set`.)"""
     if not drawn:
         return set()
+    rows = list(CreditGrant.objects.filter(period_id__in=list(drawn), source=CreditGrant.Source.PLAN_ALLOCATION)
+                .values("period_id", "customer_id").annotate(credits=Sum("credits"), remaining=Sum("remaining")))
+    chosen = dict(AlertPreference.objects.filter(customer_id__in={row["customer_id"] for row in rows})
+                  .values_list("customer_id", "thresholds"))
     crossed = set()
-    for row in (CreditGrant.objects.filter(period_id__in=list(drawn), source=CreditGrant.Source.PLAN_ALLOCATION)
-                .values("period_id").annotate(credits=Sum("credits"), remaining=Sum("remaining"))):
+    for row in rows:
         included = credits_total(row["credits"])
         if included <= ZERO:
             continue
@@ -101,7 +104,9 @@ def periods_crossing_a_percent(drawn: dict[int, Decimal]) -> set[int]:
         # rollover happen at close, after which no check fires).
         after = included - credits_total(row["remaining"])
         before = after - drawn[row["period_id"]]
-        if (after * 100 // included) > (before * 100 // included):
+        thresholds = _valid_thresholds(chosen.get(row["customer_id"], default_alert_thresholds()))
+        # used / included ≥ t % after and not before, compared exactly in Decimal.
+        if any(before * 100 < included * t <= after * 100 for t in thresholds):
             crossed.add(row["period_id"])
     return crossed
 
@@ -125,10 +130,14 @@ def schedule_runaway_check(customer_id: int) -> None:
 # --- Usage thresholds, overage started, cap reached -----------------------------------
 
 def alert_thresholds(customer_id: int) -> list[int]:
-    """The customer's percent thresholds, default 50/80/100. Values that are not whole
-    numbers from 1 to 100 are ignored (included usage cannot pass 100 %)."""
+    """The customer's percent thresholds, default 50/80/100."""
     preference = AlertPreference.objects.filter(customer_id=customer_id).first()
-    raw = preference.thresholds if preference is not None else default_alert_thresholds()
+    return _valid_thresholds(preference.thresholds if preference is not None else default_alert_thresholds())
+
+
+def _valid_thresholds(raw) -> list[int]:
+    """Values that are not whole numbers from 1 to 100 are ignored (included usage
+    cannot pass 100 %)."""
     thresholds = set()
     for value in raw if isinstance(raw, list) else []:
         if isinstance(value, bool) or not isinstance(value, int | float):

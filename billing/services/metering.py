@@ -17,11 +17,12 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 
 from billing.errors import BillingError, Conflict, NotFound
 from billing.models import AutoTopUp, BillingPeriod, Customer, Reservation, Subscription, UsageEvent
 from billing.periods import as_utc
-from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_percent
+from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_threshold
 from billing.services.customers import open_periods
 from billing.services.ledger import CustomerLedger, new_row
 from billing.services.locks import lock_customers
@@ -114,12 +115,8 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
     positions loaded in a few queries for all, each event decided in order in memory,
     and everything written in a few bulk statements."""
     customers = lock_customers(items_by_customer)
-    all_ids = [item.event_id for items in items_by_customer.values() for _, item in items]
-    stored = {
-        (e.customer_id, e.event_id): e
-        for e in UsageEvent.objects.filter(customer_id__in=list(customers), event_id__in=all_ids)
-        .select_related("customer", "feature")
-    }
+    stored = _stored_events([(pk, item.event_id) for pk, items in items_by_customer.items() if pk in customers
+                             for _, item in items])
     subscriptions: dict[int, Subscription] = {}
     for subscription in (Subscription.objects.select_related("plan").filter(customer_id__in=list(customers))
                          .exclude(status=Subscription.Status.CANCELED).order_by("pk")):
@@ -152,12 +149,41 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
     CustomerLedger.flush_many(list(ledgers.values()))
     # Follow-ups (alerts, automatic top-up, progressive billing) run after the commit,
     # in tasks; this only queues those the batch may have made due.
-    percent_crossed = periods_crossing_a_percent(included_drawn)
+    thresholds_crossed = periods_crossing_a_threshold(included_drawn)
     with_topup = set(AutoTopUp.objects.filter(customer_id__in=list(customers), enabled=True)
                      .values_list("customer_id", flat=True)) if any(recorded_by_customer.values()) else set()
     for pk, recorded in recorded_by_customer.items():
-        enqueue_alert_checks(customer_id=pk, events=recorded, percent_crossed=percent_crossed)
+        enqueue_alert_checks(customer_id=pk, events=recorded, thresholds_crossed=thresholds_crossed)
         _enqueue_billing_follow_ups(pk, recorded, auto_topup=pk in with_topup)
+
+
+def _stored_events(keys: list[tuple[int, str]]) -> dict[tuple[int, str], UsageEvent]:
+    """The events already recorded under these (customer, event id) keys. On PostgreSQL
+    the keys travel as two arrays joined to the unique index, one probe per key: `IN`
+    lists of customers and of ids made PostgreSQL probe every combination (50 customers
+    × 1 000 ids) and psycopg parse 1 000 placeholders. Repeats are rare, so the events
+    found are then loaded by primary key."""
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        by_customer: dict[int, list[str]] = {}
+        for customer_id, event_id in keys:
+            by_customer.setdefault(customer_id, []).append(event_id)
+        found = Q()
+        for customer_id, event_ids in by_customer.items():
+            found |= Q(customer_id=customer_id, event_id__in=event_ids)
+        pks = list(UsageEvent.objects.filter(found).values_list("pk", flat=True)) if keys else []
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT e.id FROM {UsageEvent._meta.db_table} e "
+                "JOIN unnest(%s::bigint[], %s::text[]) AS k(customer_id, event_id) "
+                "ON e.customer_id = k.customer_id AND e.event_id = k.event_id",
+                [[customer_id for customer_id, _ in keys], [event_id for _, event_id in keys]])
+            pks = [row[0] for row in cursor.fetchall()]
+    if not pks:
+        return {}
+    return {(e.customer_id, e.event_id): e
+            for e in UsageEvent.objects.filter(pk__in=pks).select_related("customer", "feature")}
 
 
 def _periods_by_customer(customer_ids: list[int], since: datetime) -> dict[int, list[BillingPeriod]]:

@@ -6,7 +6,8 @@ from datetime import datetime
 from django.db import transaction
 
 from billing.errors import BillingError
-from billing.models import Alert, AlertPreference, Customer, Notification
+from billing.models import Alert, AlertPreference, BillingPeriod, Customer, Notification
+from billing.services.commit_hooks import enqueue
 
 MAX_THRESHOLDS = 10
 
@@ -26,6 +27,13 @@ def alert_preferences_set(*, customer: Customer, thresholds: list[int], email_en
                            field="email_enabled", status=400)
     preference, _ = AlertPreference.objects.update_or_create(
         customer=customer, defaults={"thresholds": cleaned, "email_enabled": dict(email_enabled)})
+    # Ingestion queues a check only when usage crosses a threshold; one added below
+    # this period's usage is due now.
+    from billing import tasks  # lazily: services never import celery tasks at import time
+
+    for period_id in BillingPeriod.objects.filter(customer=customer, status=BillingPeriod.Status.OPEN).values_list(
+            "pk", flat=True):
+        enqueue(tasks.check_alerts_task, customer.pk, period_id, None)
     return preference
 
 

@@ -5,7 +5,7 @@ from decimal import Decimal
 import pytest
 from django.core.management import CommandError, call_command
 
-from billing.models import BillingPeriod, CreditGrant, LedgerEntry, UsageRollup
+from billing.models import BillingPeriod, CreditGrant, LedgerEntry, UsageEvent, UsageRollup
 from billing.services.metering import EventInput, record_event
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
 
@@ -43,6 +43,24 @@ def test_names_a_period_whose_cached_usage_drifted(customer):
     BillingPeriod.objects.filter(pk=period.pk).update(overage_credits=Decimal("49"))
 
     with pytest.raises(CommandError, match=f"period {period.pk} of customer acme"):
+        call_command("ledger_check")
+
+
+def test_names_an_event_whose_reference_dangles(customer):
+    """Events and ledger entries have no foreign keys in the database (ingestion speed);
+    the check stands in for them."""
+    event = UsageEvent.objects.get(event_id="e1")
+    UsageEvent.objects.filter(pk=event.pk).update(feature_id=987654)
+
+    with pytest.raises(CommandError, match=f"usage event {event.pk}: its feature 987654 does not exist"):
+        call_command("ledger_check")
+
+
+def test_names_a_ledger_entry_whose_grant_dangles(customer):
+    entry = LedgerEntry.objects.filter(grant__isnull=False).first()
+    LedgerEntry.objects.filter(pk=entry.pk).update(grant_id=987654)
+
+    with pytest.raises(CommandError, match=f"ledger entry {entry.pk}: its grant 987654 does not exist"):
         call_command("ledger_check")
 
 
