@@ -52,8 +52,11 @@ class EventInput:
             "properties": self.properties,
             "reservation_id": str(self.reservation_id) if self.reservation_id else None,
         }
-        blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(_CANONICAL_JSON.encode(canonical).encode()).hexdigest()
+
+
+# One encoder for every fingerprint (json.dumps with options builds one per call).
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 
 
 @dataclass
@@ -98,18 +101,20 @@ def record_events(*, events: list[EventInput], now: datetime) -> list[BatchResul
                          for external_id, pk in customer_ids.items()}
     if not items_by_customer:
         return results
+    # Before the transaction: the customers' locks are held for as short a time as can be.
+    fingerprints = {index: item.fingerprint() for items in items_by_customer.values() for index, item in items}
     try:
-        _record_batch(items_by_customer, features, now, results)
+        _record_batch(items_by_customer, features, fingerprints, now, results)
     except IntegrityError:
         # Only reachable without row locks (SQLite): a concurrent request inserted one
         # of these ids first. Once more, now seeing it as a repeat.
-        _record_batch(items_by_customer, features, now, results)
+        _record_batch(items_by_customer, features, fingerprints, now, results)
     return results
 
 
 @transaction.atomic
 def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], features: dict[str, Feature],
-                  now: datetime, results: list) -> None:
+                  fingerprints: dict[int, str], now: datetime, results: list) -> None:
     """Every customer of the batch in one transaction: their locks taken together in
     primary-key order (so two batches never wait on each other in a cycle), their
     positions loaded in a few queries for all, each event decided in order in memory,
@@ -143,7 +148,7 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
     for pk in sorted(items_by_customer):
         recorded_by_customer[pk] = _decide_customer_events(
             customers[pk], subscriptions.get(pk), items_by_customer[pk], stamps[pk], periods.get(pk, []),
-            reservations, ledgers[pk], stored, features, per_unit, now, results)
+            reservations, ledgers[pk], stored, features, per_unit, fingerprints, now, results)
     included_drawn = {period: credits for ledger in ledgers.values()
                       for period, credits in ledger.included_drawn().items()}
     CustomerLedger.flush_many(list(ledgers.values()))
@@ -208,15 +213,15 @@ def feature_costs(plan_ids: set[int], features) -> dict[tuple[int, int], Decimal
 def _decide_customer_events(customer: Customer, subscription: Subscription | None,
                             items: list[tuple[int, EventInput]], stamps: list[datetime],
                             periods: list[BillingPeriod], reservations: dict, ledger: CustomerLedger,
-                            stored: dict, features: dict[str, Feature], per_unit: dict, now: datetime,
-                            results: list) -> list[UsageEvent]:
+                            stored: dict, features: dict[str, Feature], per_unit: dict,
+                            fingerprints: dict[int, str], now: datetime, results: list) -> list[UsageEvent]:
     """Decide one customer's events in order against its ledger; returns those recorded."""
     skew = timedelta(seconds=settings.OVERAGE_CLOCK_SKEW_SECONDS)
     grace = timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
     settled_here: set = set()
     recorded = []
     for (index, item), timestamp in zip(items, stamps):
-        fingerprint = item.fingerprint()
+        fingerprint = fingerprints[index]
         prior = stored.get((customer.pk, item.event_id))
         if prior is not None:
             if prior.fingerprint != fingerprint:
