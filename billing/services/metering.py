@@ -64,6 +64,9 @@ class BatchResult:
     event: UsageEvent | None = None
     created: bool = False
     error: BillingError | None = None
+    # Not attempted: the customer was locked by another transaction and the caller asked
+    # not to wait (`skip_locked`). Nothing was written for it.
+    locked_out: bool = False
 
 
 def credits_per_unit(plan, feature: Feature) -> Decimal:
@@ -85,8 +88,11 @@ def record_event(*, event: EventInput, now: datetime) -> tuple[UsageEvent, bool]
     return result.event, result.created
 
 
-def record_events(*, events: list[EventInput], now: datetime) -> list[BatchResult]:
-    """Record a batch; results in input order."""
+def record_events(*, events: list[EventInput], now: datetime, skip_locked: bool = False) -> list[BatchResult]:
+    """Record a batch; results in input order. With `skip_locked` (group commit, whose
+    events are independent requests), the events of customers another transaction holds
+    are not waited for: they come back `locked_out`, to be sent again. An API batch
+    waits: it is all or nothing."""
     results: list[BatchResult | None] = [None] * len(events)
     by_customer: dict[str, list[int]] = {}
     for index, item in enumerate(events):
@@ -103,8 +109,9 @@ def record_events(*, events: list[EventInput], now: datetime) -> list[BatchResul
         return results
     # Before the transaction: the customers' locks are held for as short a time as can be.
     fingerprints = {index: item.fingerprint() for items in items_by_customer.values() for index, item in items}
+    skip_locked = skip_locked and transaction.get_connection().features.has_select_for_update_skip_locked
     try:
-        _record_batch(items_by_customer, features, fingerprints, now, results)
+        _record_batch(items_by_customer, features, fingerprints, now, results, skip_locked=skip_locked)
     except IntegrityError:
         # Only reachable without row locks (SQLite): a concurrent request inserted one
         # of these ids first. Once more, now seeing it as a repeat.
@@ -114,12 +121,19 @@ def record_events(*, events: list[EventInput], now: datetime) -> list[BatchResul
 
 @transaction.atomic
 def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], features: dict[str, Feature],
-                  fingerprints: dict[int, str], now: datetime, results: list) -> None:
+                  fingerprints: dict[int, str], now: datetime, results: list, *, skip_locked: bool = False) -> None:
     """Every customer of the batch in one transaction: their locks taken together in
     primary-key order (so two batches never wait on each other in a cycle), their
     positions loaded in a few queries for all, each event decided in order in memory,
     and everything written in a few bulk statements."""
-    customers = lock_customers(items_by_customer)
+    customers = lock_customers(items_by_customer, skip_locked=skip_locked)
+    if len(customers) < len(items_by_customer):  # only with skip_locked: held by another transaction
+        for pk in set(items_by_customer) - set(customers):
+            for index, _ in items_by_customer[pk]:
+                results[index] = BatchResult(locked_out=True)
+        items_by_customer = {pk: items for pk, items in items_by_customer.items() if pk in customers}
+        if not items_by_customer:
+            return
     stored = _stored_events([(pk, item.event_id) for pk, items in items_by_customer.items() if pk in customers
                              for _, item in items])
     subscriptions: dict[int, Subscription] = {}

@@ -1,6 +1,7 @@
 """Group commit of single events: concurrent requests of one process share a
 transaction, and each still gets exactly its own answer, after the commit."""
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 
@@ -93,3 +94,30 @@ def test_the_api_answers_through_the_recorder_when_group_commit_is_on(customers,
     assert (first.status_code, first.json()["credits"], again.status_code) == (201, "3", 200)
     assert (refused.status_code, refused.json()["error"]["code"]) == (422, "unknown_feature")
     assert committed_events() == 1
+
+
+def test_a_group_records_the_customers_it_can_lock_and_sends_the_rest_again(customers):
+    """Another process's group holds c0: this group records c1 at once instead of
+    waiting behind it, and c0's event follows once c0 is free."""
+    recorder = EventRecorder(max_events=200)
+    other = connections.create_connection("default")
+    other.set_autocommit(False)
+    with other.cursor() as cursor:
+        cursor.execute("SELECT id FROM billing_customer WHERE external_id = 'c0' FOR UPDATE")
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        held = pool.submit(recorder.record, EventInput(event_id="held", customer="c0", feature="api",
+                                                       quantity=Decimal("1")))
+        free = pool.submit(recorder.record, EventInput(event_id="free", customer="c1", feature="api",
+                                                       quantity=Decimal("2")))
+
+        assert free.result(timeout=30).created  # answered while c0 is still locked
+        assert not held.done()
+        assert committed_events() == 1
+    finally:
+        other.rollback()
+        other.close()
+    assert held.result(timeout=30).created
+    pool.shutdown()
+    assert sorted(UsageEvent.objects.values_list("event_id", flat=True)) == ["free", "held"]
+    assert_ledger_consistent()
