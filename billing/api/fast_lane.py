@@ -40,6 +40,7 @@ from billing.services.entitlements import check_entitlement
 logger = logging.getLogger(__name__)
 
 CHECK_PATH = "/api/v1/entitlements/check"
+EVENTS_PATH = "/api/v1/events"
 # A check's body is under 600 bytes; anything larger is the full stack's to read.
 MAX_BODY_BYTES = 4096
 # The middleware whose effect on a plain check the lane reproduces (the portal-only ones
@@ -71,10 +72,13 @@ class EntitlementCheckFastLane:
         # security headers, X-Frame-Options); innermost first, as responses travel.
         self._response_middleware = (XFrameOptionsMiddleware(_never), CommonMiddleware(_never),
                                      SecurityMiddleware(_never))
-        from billing.api.views import EntitlementCheck
+        from billing.api.views import EntitlementCheck, EventCreate
 
         self._view = EntitlementCheck  # its required_scope, as the permission reads it
+        self._event_view = EventCreate
+        self.events_inline = 0  # single events answered on the check server's event loop
         self.enabled = self._same_stack()
+        self.events_enabled = self.enabled and getattr(resolve(EVENTS_PATH).func, "view_class", None) is EventCreate
 
     def _same_stack(self) -> bool:
         reasons = []
@@ -133,54 +137,118 @@ class EntitlementCheckFastLane:
         """The check's answer, or None for the full stack to give it. `inline`: without the
         database (NeedsDatabase when it would be needed), the rate limit counted last so
         that a request handed on for that reason is counted once, by the full stack."""
-        from django.core.handlers.wsgi import WSGIRequest
-
-        environ["wsgi.input"] = io.BytesIO(body)
-        request = WSGIRequest(environ)
-        try:
-            request.get_host()  # ALLOWED_HOSTS, as CommonMiddleware asks
-        except Exception:  # noqa: BLE001 - DisallowedHost and the like: Django answers
-            return None
-        if ((settings.SECURE_SSL_REDIRECT and not request.is_secure()) or request.META.get("QUERY_STRING")
-                or request.content_type != "application/json"
-                or request.META.get("HTTP_ACCEPT", "") not in ACCEPTS_JSON):
+        request = _plain_request(environ, body)
+        if request is None:
             return None
         # In the order DRF's APIView takes them: authentication, scope, rate limit, and
         # only then the body (an unauthenticated request costs no parsing).
-        drf_request = SimpleNamespace(META=request.META, headers=request.headers, method="POST", auth=None)
-        authenticated = (CachedApiKeyAuthentication if inline else ApiKeyAuthentication)().authenticate(drf_request)
-        if authenticated is None:
+        drf_request = _authorised(request, self._view, inline=inline)
+        if drf_request is None:
             return None
-        drf_request.auth = authenticated[1]
-        if not HasApiKeyScope().has_permission(drf_request, self._view):
+        if not inline and not self._allowed(environ, drf_request, self._view):
             return None
-        if not inline and not self._allowed(environ, drf_request):
-            return None
-        from billing.api.views import ApiJSONParser
-
-        data = s.validated_check(ApiJSONParser().parse(io.BytesIO(body), "application/json",
-                                                       {"encoding": request.encoding or settings.DEFAULT_CHARSET}))
+        data = s.validated_check(_parsed(request, body))
         if data["reserve"]:
             return None  # a write under the customer's lock: the view's path
         decision = check_entitlement(
             customer_external_id=data["customer"], feature_code=data["feature"], quantity=data["quantity"],
             reserve=False, reservation_ttl_seconds=data.get("reservation_ttl_seconds"), now=timezone.now(),
             cached_only=inline)
-        if inline and not self._allowed(environ, drf_request):
+        if inline and not self._allowed(environ, drf_request, self._view):
             return None
-        response = HttpResponse(self._renderer.render(s.entitlement_result(decision), "application/json"),
-                                content_type="application/json")
+        return self._response(request, s.entitlement_result(decision), 200)
+
+    # -- single events, on the check server's event loop --
+
+    def event_inline(self, environ, body: bytes) -> tuple | None:
+        """A plain `POST /api/v1/events` read on the check server's event loop: (request,
+        EventInput) once authenticated (a key this process knows), in scope, valid and
+        within the rate limit (counted here, once), else None for the full stack.
+        Recording is the caller's, through group commit's recorder thread, and
+        `event_answer` gives the answer; an event the recorder refuses is answered by
+        the full stack too (nothing was written for it, so it is decided again there)."""
+        # Recorded by group commit's recorder thread: without it the loop would have to
+        # write to the database itself.
+        if not (self.events_enabled and settings.OVERAGE_GROUP_COMMIT) or environ.get("SCRIPT_NAME"):
+            return None
+        try:
+            request = _plain_request(environ, body)
+            if request is None:
+                return None
+            drf_request = _authorised(request, self._event_view, inline=True)
+            if drf_request is None:
+                return None
+            from billing.api.views import _event_input
+
+            event = _event_input(s.validated_event(_parsed(request, body)))
+            if not self._allowed(environ, drf_request, self._event_view):
+                return None
+            return request, event
+        except (APIException, BillingError, ValidationError, NeedsDatabase):
+            return None
+        except Exception:  # noqa: BLE001 - a fault here must not cost the answer
+            logger.exception("single event on the event loop failed; the full stack answers")
+            return None
+
+    def event_answer(self, request, result) -> HttpResponse:
+        """The answer to a recorded event (`BatchResult` without error), as `EventCreate`
+        gives it: 201 the first time, 200 for a retry."""
+        self.events_inline += 1
+        return self._response(request, s.event_result(result.event), 201 if result.created else 200)
+
+    def _response(self, request, data: dict, status: int) -> HttpResponse:
+        response = HttpResponse(self._renderer.render(data, "application/json"), content_type="application/json",
+                                status=status)
         response["Allow"] = "POST, OPTIONS"  # as DRF's APIView answers
         for middleware in self._response_middleware:
             response = middleware.process_response(request, response)
         return response
 
-    def _allowed(self, environ, drf_request) -> bool:
+    @staticmethod
+    def _allowed(environ, drf_request, view) -> bool:
         throttle = ApiKeyRateThrottle()
-        allowed = throttle.allow_request(drf_request, self._view)
+        allowed = throttle.allow_request(drf_request, view)
         # Counted once, here: the full stack, if it answers this request, reuses the decision.
         environ[LANE_DECISION] = (allowed, throttle.wait())
         return allowed
+
+
+def _plain_request(environ, body: bytes):
+    """Django's request for a plain API call, or None when the full stack must answer
+    it: a host Django refuses, a redirect to HTTPS, a query string, a body that is not
+    JSON, an Accept header that is not JSON's."""
+    from django.core.handlers.wsgi import WSGIRequest
+
+    environ["wsgi.input"] = io.BytesIO(body)
+    request = WSGIRequest(environ)
+    try:
+        request.get_host()  # ALLOWED_HOSTS, as CommonMiddleware asks
+    except Exception:  # noqa: BLE001 - DisallowedHost and the like: Django answers
+        return None
+    if ((settings.SECURE_SSL_REDIRECT and not request.is_secure()) or request.META.get("QUERY_STRING")
+            or request.content_type != "application/json"
+            or request.META.get("HTTP_ACCEPT", "") not in ACCEPTS_JSON):
+        return None
+    return request
+
+
+def _authorised(request, view, *, inline: bool):
+    """DRF's request stand-in, authenticated and holding the view's scope, or None."""
+    drf_request = SimpleNamespace(META=request.META, headers=request.headers, method="POST", auth=None)
+    authenticated = (CachedApiKeyAuthentication if inline else ApiKeyAuthentication)().authenticate(drf_request)
+    if authenticated is None:
+        return None
+    drf_request.auth = authenticated[1]
+    if not HasApiKeyScope().has_permission(drf_request, view):
+        return None
+    return drf_request
+
+
+def _parsed(request, body: bytes):
+    from billing.api.views import ApiJSONParser
+
+    return ApiJSONParser().parse(io.BytesIO(body), "application/json",
+                                 {"encoding": request.encoding or settings.DEFAULT_CHARSET})
 
 
 def _read_body(environ) -> bytes | None:

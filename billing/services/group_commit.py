@@ -50,10 +50,15 @@ class EventRecorder:
 
     def record(self, event: EventInput, timeout: float = 60) -> BatchResult:
         """Queue `event` and wait until its group has committed (or failed)."""
+        return self.submit(event).result(timeout=timeout)
+
+    def submit(self, event: EventInput) -> Future:
+        """Queue `event`; the future is done once its group has committed (or failed).
+        The check server's event loop awaits it instead of holding a thread."""
         future: Future = Future()
         self._ensure_thread()
         self._queue.put((event, future))
-        return future.result(timeout=timeout)
+        return future
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():

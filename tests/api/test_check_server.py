@@ -25,12 +25,13 @@ from a2wsgi.wsgi import build_environ
 from django.core.cache import cache
 
 from billing.api.check_server import CheckServer
-from billing.models import ApiKey, Reservation
+from billing.models import ApiKey, Reservation, UsageEvent
 from billing.services import api_keys, positions, refresh_ahead
 from billing.services.api_keys import api_key_create
 from billing.services.metering import EventInput, record_event
 from config.wsgi import application
 from tests.factories import FeatureFactory, make_customer, pro_plan, utc
+from tests.ledger import assert_ledger_consistent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 NOW = utc(2026, 5, 10, 9)
@@ -133,11 +134,11 @@ def send(server, request, *, chunks: int = 1) -> Answer:
     parts = [raw[at:at + step] for at in range(0, len(raw), step)] or [b""]
     messages = [{"type": "http.request", "body": part, "more_body": n < len(parts) - 1}
                 for n, part in enumerate(parts)]
-    served, served_inline = application.served, application.served_inline
+    served, served_inline, events_inline = application.served, application.served_inline, application.events_inline
     sent = asyncio.run(_exchange(server, scope, messages))
     start, rest = sent[0], sent[1:]
     assert start["type"] == "http.response.start" and rest and not rest[-1].get("more_body", False)
-    if application.served_inline == served_inline + 1:
+    if application.served_inline == served_inline + 1 or application.events_inline == events_inline + 1:
         by = "event loop"
     elif application.served == served + 1:
         by = "lane in a thread"
@@ -356,5 +357,73 @@ def test_each_check_is_counted_once_whichever_path_answers(server, ingest_key, s
     api_key, key = ingest_key
     for _ in range(5):
         send(server, http(key=key))
+    window_start = int(NOW.timestamp()) // 60 * 60
+    assert cache.get(f"throttle:api:ingest:{api_key.pk}:60:{window_start}") == 5
+
+
+# --- Single events -------------------------------------------------------------------------
+
+EVENTS = "/api/v1/events"
+
+
+def usage(event_id, **changes):
+    return {"id": event_id, "customer": "acme", "feature": "gpt-4o", "quantity": "2",
+            "properties": {"region": "eu"}, **changes}
+
+
+@pytest.fixture
+def group_commit(settings):
+    settings.OVERAGE_GROUP_COMMIT = True
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_single_event_is_recorded_from_the_event_loop_and_answered_as_django_answers(server, key, group_commit):
+    """Once the process knows the key, a plain event is read on the loop and recorded by
+    the group-commit recorder without a thread of its own; the answer is Django's."""
+    first = send(server, http(usage("e1"), key=key, path=EVENTS))
+    assert (first.status, first.by) == (201, "django in a thread")  # the key is not known yet
+    loop = send(server, http(usage("e2"), key=key, path=EVENTS))
+    assert (loop.status, loop.by) == (201, "event loop")
+    assert loop.json()["credits"] == "20" and loop.json()["status"] == "accepted"
+    retried = django_answers(http(usage("e2"), key=key, path=EVENTS))  # the full stack: a retry, 200
+    assert retried[0] == 200 and (loop.headers, loop.body) == (retried[1], retried[2])
+    again = send(server, http(usage("e2"), key=key, path=EVENTS))
+    assert (again.by, again.exactly) == ("event loop", retried)
+    assert UsageEvent.objects.filter(customer__external_id="acme").count() == 2
+    assert_ledger_consistent()
+
+
+@time_machine.travel(NOW, tick=False)
+@pytest.mark.parametrize("case, body, status", [
+    ("unknown feature", usage("bad", feature="nope"), 422),
+    ("id reused with another body", usage("e1", quantity="3"), 409),
+    ("invalid quantity", usage("neg", quantity="-1"), 400),
+])
+def test_a_refused_event_is_answered_in_a_thread_exactly_as_django_answers(server, key, group_commit, case, body,
+                                                                          status):
+    assert [send(server, http(usage(i), key=key, path=EVENTS)).by for i in ("e0", "e1")] == [
+        "django in a thread", "event loop"]
+    answer = send(server, http(body, key=key, path=EVENTS))
+    assert (answer.status, answer.by) == (status, "django in a thread"), case
+    assert answer.exactly == django_answers(http(body, key=key, path=EVENTS)), case
+    assert sorted(UsageEvent.objects.values_list("event_id", flat=True)) == ["e0", "e1"]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_without_group_commit_events_are_recorded_in_a_thread(server, key, settings):
+    settings.OVERAGE_GROUP_COMMIT = False
+    answers = [send(server, http(usage(f"e{i}"), key=key, path=EVENTS)) for i in range(2)]
+    assert [(a.status, a.by) for a in answers] == [(201, "django in a thread")] * 2
+
+
+@time_machine.travel(NOW, tick=False)
+def test_each_event_is_counted_once_for_the_rate_limit_whichever_path_answers(server, ingest_key, group_commit,
+                                                                               settings):
+    settings.OVERAGE_API_RATES = {**settings.OVERAGE_API_RATES, "ingest": "3/min"}
+    api_key, key = ingest_key
+    answers = [send(server, http(usage(f"e{i}"), key=key, path=EVENTS)) for i in range(5)]
+    assert [(a.status, a.by) for a in answers] == [
+        (201, "django in a thread"), (201, "event loop"), (201, "event loop"),
+        (429, "django in a thread"), (429, "django in a thread")]
     window_start = int(NOW.timestamp()) // 60 * 60
     assert cache.get(f"throttle:api:ingest:{api_key.pk}:60:{window_start}") == 5
