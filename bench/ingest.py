@@ -8,12 +8,14 @@ What it does, all on 127.0.0.1, bounded in time and count (about 1-2 minutes):
      N customers and an API key through the project's own services;
   2. starts `gunicorn config.wsgi --workers 2` (threaded) and the check server
      `gunicorn config.asgi:application --worker-class asgi --workers 2` in production mode
-     (DEBUG=0); checks go to the check server (--check-server wsgi: to the first);
-  3. measures, with the lean asyncio client of bench/loadgen.py (bounded concurrency):
-       batch ingestion   POST /api/v1/events/batch (100 events per request, see
-                         bench/README.md; then one 1 000-event request as a probe)
-       single ingestion  POST /api/v1/events
-       entitlement check POST /api/v1/entitlements/check
+     (DEBUG=0); checks and single events go to the check server, as production routes
+     them (--check-server wsgi, --single-server wsgi: to the first);
+  3. measures, with the lean asyncio client of bench/loadgen.py:
+       batch ingestion   POST /api/v1/events/batch (1 000 events per request, 2 clients;
+                         then one 1 000-event request alone as a probe)
+       single ingestion  POST /api/v1/events: 32 clients, then an open loop at 1 000/s
+       entitlement check POST /api/v1/entitlements/check: 8 clients, then an open loop
+                         at 1 000/s
   4. measures the raw limits: PostgreSQL COPY of as many rows as the batch phase
      ingested, into a scratch table `bench_raw_events`; one-row INSERT+COMMIT
      transactions; Redis GET round trips;
@@ -523,6 +525,12 @@ def main() -> int:
                              "status and latency (informational; 0 to skip)")
     parser.add_argument("--single-clients", type=int, default=32)
     parser.add_argument("--single-seconds", type=float, default=10)
+    parser.add_argument("--single-server", choices=("asgi", "wsgi"), default="asgi",
+                        help="single events to the check server (asgi, as production routes them) or to gunicorn's "
+                             "threaded workers (wsgi); asgi needs --check-server asgi")
+    parser.add_argument("--single-rate", type=float, default=1000,
+                        help="open-loop single-event phase: requests/s (0: skip)")
+    parser.add_argument("--single-rate-seconds", type=float, default=10)
     parser.add_argument("--soak-seconds", type=float, default=0,
                         help="sustained batch load this long, sampling the workers' RSS (make bench: 300)")
     parser.add_argument("--check-server", choices=("asgi", "wsgi"), default="asgi",
@@ -574,6 +582,8 @@ def main() -> int:
     server = Server(env, args.workers, args.threads)
     # Checks go to the check server (config/asgi.py) unless --check-server wsgi: then to the same gunicorn.
     checks = Server(env, args.check_workers, 0, check_server=True) if args.check_server == "asgi" else server
+    if args.check_server != "asgi":
+        args.single_server = "wsgi"
     phases: dict[str, Phase] = {}
     probe: dict = {}
     soak: dict = {"samples": []}
@@ -610,11 +620,24 @@ def main() -> int:
                 make_body=lambda w, s: {"events": [event(run, "b", w, s, i, args.customers)
                                                    for i in range(args.batch_size)]},
                 check=check_batch(args.batch_size))
+            # Single events go where production routes them: the check server (its event
+            # loop and group-commit recorder), unless --single-server wsgi.
+            singles = checks if args.single_server == "asgi" else server
             log(f"single-event ingestion: {args.single_clients} clients, {args.single_seconds:.0f} s")
             phases["single"] = await phase(
-                "single", path="/api/v1/events", concurrency=args.single_clients, seconds=args.single_seconds,
-                max_requests=args.max_requests, timeout=30,
+                "single", to=singles, path="/api/v1/events", concurrency=args.single_clients,
+                seconds=args.single_seconds, max_requests=args.max_requests, timeout=30,
                 make_body=lambda w, s: event(run, "s", w, s, 0, args.customers), check=check_single)
+            if args.single_rate:
+                log(f"single-event ingestion, open loop: {args.single_rate:.0f} requests/s for "
+                    f"{args.single_rate_seconds:.0f} s")
+                before = cpu_snapshot(singles)
+                result = await open_loop(
+                    "single_rate", base=singles.base, api_key=api_key, path="/api/v1/events",
+                    rate=args.single_rate, seconds=args.single_rate_seconds, timeout=30,
+                    make_body=lambda w, s: event(run, "r", w, s, 0, args.customers), check=check_single)
+                result.server_cpu = cpu_used(before, cpu_snapshot(singles), result.elapsed)
+                phases["single_rate"] = result
             log(f"entitlement check: {args.check_clients} clients, {args.check_seconds:.0f} s")
             phases["check"] = await phase(
                 "check", to=checks, path="/api/v1/entitlements/check", concurrency=args.check_clients,
@@ -709,6 +732,8 @@ def main() -> int:
 
     stored = count_rows("SELECT count(*) FROM billing_usageevent")
     accounted = batch.items + single.items + (probe.get("events", 0) if probe.get("ok") else 0)
+    if "single_rate" in phases:
+        accounted += phases["single_rate"].items
     if "soak" in phases:
         accounted += phases["soak"].items
     if not accounted <= stored <= accounted + 40 + (0 if probe.get("ok") else probe.get("events", 0)):
@@ -723,8 +748,10 @@ def main() -> int:
     check_rps = check.ok / check.elapsed if check.elapsed else None
     b, sgl, chk = batch.summary(), single.summary(), check.summary()
     rate_summary = phases["check_rate"].summary() if "check_rate" in phases else None
+    single_rate_summary = phases["single_rate"].summary() if "single_rate" in phases else None
     soak_summary = phases["soak"].summary() if "soak" in phases else None
-    measured = [("batch", b), ("single", sgl), ("check", chk), ("check_rate", rate_summary), ("soak", soak_summary)]
+    measured = [("batch", b), ("single", sgl), ("single_rate", single_rate_summary), ("check", chk),
+                ("check_rate", rate_summary), ("soak", soak_summary)]
     for name, summary in measured:
         if summary is None:
             continue
@@ -763,6 +790,18 @@ def main() -> int:
         ("single event: requests/s", single_rps, "req/s", ratio(single_rps, commit["tx_per_s"], "1-row tx")),
         ("single event: p50", sgl["latency_p50_ms"], "ms", ""),
         ("single event: p99", sgl["latency_p99_ms"], "ms", ""),
+    ]
+    if single_rate_summary is not None:
+        if phases["single_rate"].failures:
+            failures.append(f"single_rate: {phases['single_rate'].failures} failed requests, e.g. "
+                            f"{phases['single_rate'].failure_samples[:2]}")
+        rows += [
+            (f"single event at {args.single_rate:.0f}/s (open loop): answered",
+             single_rate_summary["requests_per_s"], "req/s", f"offered {args.single_rate:.0f}/s"),
+            ("single event at that rate: p50", single_rate_summary["latency_p50_ms"], "ms", ""),
+            ("single event at that rate: p99", single_rate_summary["latency_p99_ms"], "ms", ""),
+        ]
+    rows += [
         ("entitlement check: requests/s", check_rps, "req/s", ""),
         ("entitlement check: p50", chk["latency_p50_ms"], "ms", ""),
         ("entitlement check: p99", chk["latency_p99_ms"], "ms", ""),
@@ -816,7 +855,8 @@ def main() -> int:
     print_table(rows)
     print()
     print(f"batch: {args.batch_clients} clients, {batch.elapsed:.1f} s, {batch.items} events; "
-          f"single: {args.single_clients} clients, {single.elapsed:.1f} s; "
+          f"single: {args.single_clients} clients, {single.elapsed:.1f} s, to the "
+          f"{'check server' if args.single_server == 'asgi' else 'threaded workers'}; "
           f"check: {args.check_clients} clients, {check.elapsed:.1f} s; "
           f"total run {time.perf_counter() - t0:.0f} s")
     print(f"CPU busy, in cores of {os.cpu_count()} (gunicorn workers / PostgreSQL backends / this client / "
@@ -843,6 +883,8 @@ def main() -> int:
             "gunicorn_timeout_s": 30, "batch_size": args.batch_size, "batch_clients": args.batch_clients,
             "batch_seconds": args.batch_seconds, "full_batch_probe_events": args.full_batch_probe,
             "single_clients": args.single_clients, "single_seconds": args.single_seconds,
+            "single_server": args.single_server, "single_rate": args.single_rate,
+            "single_rate_seconds": args.single_rate_seconds,
             "check_clients": args.check_clients, "check_seconds": args.check_seconds,
             "plan": {"included_credits": str(INCLUDED_CREDITS), "overage_unit_price": str(OVERAGE_UNIT_PRICE)},
             "database": f"postgresql {DB_NAME}, DB_CONN_MAX_AGE=60", "debug": False,
@@ -866,6 +908,7 @@ def main() -> int:
             "single_to_commit_ratio": round(single_rps / commit["tx_per_s"], 5) if single_rps else None,
             "memory_soak": memory,
             "check_open_loop": rate_summary,
+            "single_open_loop": single_rate_summary,
         },
         "phases": {name: summary for name, summary in measured if summary is not None},
         "raw": {"copy": copy, "single_row_commit": commit, "redis_get": redis_result},
