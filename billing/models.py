@@ -216,9 +216,10 @@ class UsageEvent(models.Model):
     # the (period, …) indexes below lead with them, and every index costs ingestion a write.
     # No foreign-key constraints in the database either, here and on ledger entries (the two
     # tables written by the thousand per batch): PostgreSQL checked every reference of every
-    # row at commit, 28 ms of a 1 000-event batch, more than writing the rows. Only
-    # `CustomerLedger.flush_many` writes these rows, under the customers' locks, with
-    # references it has just read; PROTECT still refuses deletes through the ORM, and
+    # row at commit, 28 ms of a 1 000-event batch, more than writing the rows. These rows
+    # are written only by the ledger services (ingestion's `CustomerLedger.flush_many`,
+    # grants, expiry, purchases, the close), under the customer's lock, with references
+    # they have just read; PROTECT still refuses deletes through the ORM, and
     # `manage.py ledger_check` (billing/ledger_audit.py) reports any reference that dangles.
     customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="events", db_index=False,
                                  db_constraint=False)

@@ -45,10 +45,10 @@ def close_periods_task(period_ids: list[int]) -> int:
 # --- Alerts and outgoing webhooks -------------------------------------------------------
 
 @shared_task(acks_late=False, ignore_result=True)
-def rebuild_position_task(customer_external_id: str) -> None:
+def rebuild_position_task(customer_external_id: str, lease: str | None = None) -> None:
     """Refresh ahead of a cached credit position, out of the check processes. Not
     acks_late: a rebuild lost with its worker is asked for again once its lease lapses."""
-    positions.rebuild_position(customer_external_id)
+    positions.rebuild_position(customer_external_id, lease)
 
 
 @shared_task(acks_late=True)

@@ -49,12 +49,18 @@ from billing.services.group_commit import event_recorder
 from billing.services.refresh_ahead import refresh_later
 
 
+# Single events a process keeps waiting on its event loop; more go to the threads.
+MAX_EVENTS_WAITING = 1000
+RECORD_TIMEOUT_SECONDS = 60
+
+
 class CheckServer:
     def __init__(self, wsgi_application, *, threads: int | None = None):
         self.lane = wsgi_application  # the EntitlementCheckFastLane of config/wsgi.py
         self.threaded = WSGIMiddleware(_DecisionCarried(wsgi_application),
                                        workers=threads or settings.OVERAGE_CHECK_SERVER_THREADS)
         self._context = contextvars.copy_context()
+        self.events_waiting = 0  # single events of this process awaiting the recorder on the loop
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -87,10 +93,18 @@ class CheckServer:
         if prepared is None:
             return None
         request, event = prepared
+        if self.events_waiting >= MAX_EVENTS_WAITING:
+            return None  # the threads' bounded pool is the back-pressure beyond this
+        self.events_waiting += 1
         try:
-            result = await asyncio.wrap_future(event_recorder().submit(event))
-        except Exception:  # noqa: BLE001 - logged by the recorder; the full stack tries again
-            return None
+            # Shielded: a request cancelled (its client gone) stops waiting, but an event
+            # already being recorded is not taken back. The same bound as a thread's wait.
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(event_recorder().submit(event))),
+                                            RECORD_TIMEOUT_SECONDS)
+        except Exception:  # noqa: BLE001 - a failed group (logged by the recorder) or a timeout: the full
+            return None    # stack decides again, and an event recorded meanwhile is then a retry
+        finally:
+            self.events_waiting -= 1
         if result.error is not None:
             return None
         return self._context.run(self.lane.event_answer, request, result)

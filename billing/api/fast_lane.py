@@ -122,16 +122,8 @@ class EntitlementCheckFastLane:
         return response
 
     def _answer_or_none(self, environ, body: bytes, *, inline: bool) -> HttpResponse | None:
-        """`_answer`, with None for what the full stack answers: a refusal (it renders the
-        error body), a check that needs the database (inline), or a fault here."""
-        try:
-            return self._answer(environ, body, inline=inline)
-        except (APIException, BillingError, ValidationError, NeedsDatabase):
-            return None
-        except Exception:  # noqa: BLE001 - a fault here must not cost the answer
-            logger.exception("entitlement check %s failed; the full stack answers",
-                             "on the event loop" if inline else "fast lane")
-            return None
+        return _or_none(f"entitlement check {'on the event loop' if inline else 'fast lane'}", self._answer,
+                        environ, body, inline=inline)
 
     def _answer(self, environ, body: bytes, *, inline: bool = False) -> HttpResponse | None:
         """The check's answer, or None for the full stack to give it. `inline`: without the
@@ -171,24 +163,21 @@ class EntitlementCheckFastLane:
         # write to the database itself.
         if not (self.events_enabled and settings.OVERAGE_GROUP_COMMIT) or environ.get("SCRIPT_NAME"):
             return None
-        try:
-            request = _plain_request(environ, body)
-            if request is None:
-                return None
-            drf_request = _authorised(request, self._event_view, inline=True)
-            if drf_request is None:
-                return None
-            from billing.api.views import _event_input
+        return _or_none("single event on the event loop", self._event_input, environ, body)
 
-            event = _event_input(s.validated_event(_parsed(request, body)))
-            if not self._allowed(environ, drf_request, self._event_view):
-                return None
-            return request, event
-        except (APIException, BillingError, ValidationError, NeedsDatabase):
+    def _event_input(self, environ, body: bytes) -> tuple | None:
+        request = _plain_request(environ, body)
+        if request is None:
             return None
-        except Exception:  # noqa: BLE001 - a fault here must not cost the answer
-            logger.exception("single event on the event loop failed; the full stack answers")
+        drf_request = _authorised(request, self._event_view, inline=True)
+        if drf_request is None:
             return None
+        from billing.api.views import _event_input
+
+        event = _event_input(s.validated_event(_parsed(request, body)))
+        if not self._allowed(environ, drf_request, self._event_view):
+            return None
+        return request, event
 
     def event_answer(self, request, result) -> HttpResponse:
         """The answer to a recorded event (`BatchResult` without error), as `EventCreate`
@@ -211,6 +200,18 @@ class EntitlementCheckFastLane:
         # Counted once, here: the full stack, if it answers this request, reuses the decision.
         environ[LANE_DECISION] = (allowed, throttle.wait())
         return allowed
+
+
+def _or_none(what: str, answer, *args, **kwargs):
+    """`answer(...)`, or None for what the full stack answers: a refusal (it renders the
+    error body), something that needs the database (on the event loop), or a fault here."""
+    try:
+        return answer(*args, **kwargs)
+    except (APIException, BillingError, ValidationError, NeedsDatabase):
+        return None
+    except Exception:  # noqa: BLE001 - a fault here must not cost the answer
+        logger.exception("%s failed; the full stack answers", what)
+        return None
 
 
 def _plain_request(environ, body: bytes):

@@ -105,8 +105,8 @@ def periods_crossing_a_threshold(drawn: dict[int, Decimal]) -> set[int]:
         after = included - credits_total(row["remaining"])
         before = after - drawn[row["period_id"]]
         thresholds = _valid_thresholds(chosen.get(row["customer_id"], default_alert_thresholds()))
-        # used / included ≥ t % after and not before, compared exactly in Decimal.
-        if any(before * 100 < included * t <= after * 100 for t in thresholds):
+        if any(threshold_reached(after, included, t) and not threshold_reached(before, included, t)
+               for t in thresholds):
             crossed.add(row["period_id"])
     return crossed
 
@@ -133,6 +133,12 @@ def alert_thresholds(customer_id: int) -> list[int]:
     """The customer's percent thresholds, default 50/80/100."""
     preference = AlertPreference.objects.filter(customer_id=customer_id).first()
     return _valid_thresholds(preference.thresholds if preference is not None else default_alert_thresholds())
+
+
+def threshold_reached(used: Decimal, included: Decimal, threshold: int) -> bool:
+    """used / included ≥ threshold %, compared exactly in Decimal (no threshold without
+    included credits). Ingestion's filter and the check share it, so they cannot drift."""
+    return included > ZERO and used * 100 >= included * threshold
 
 
 def _valid_thresholds(raw) -> list[int]:
@@ -173,8 +179,7 @@ def _due_usage_alerts(period: BillingPeriod, cap_event_id: str | None) -> list[t
     thresholds = [t for t in alert_thresholds(period.customer_id) if (Kind.USAGE_THRESHOLD, t) not in fired]
     if thresholds:
         included, used = included_credits_used(period)
-        # used / included ≥ t %, compared exactly in Decimal.
-        due += [(Kind.USAGE_THRESHOLD, t) for t in thresholds if included > ZERO and used * 100 >= included * t]
+        due += [(Kind.USAGE_THRESHOLD, t) for t in thresholds if threshold_reached(used, included, t)]
     if period.overage_credits > ZERO and (Kind.OVERAGE_STARTED, 0) not in fired:
         due.append((Kind.OVERAGE_STARTED, 0))
     if cap_event_id and (Kind.CAP_REACHED, 0) not in fired and UsageEvent.objects.filter(

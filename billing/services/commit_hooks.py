@@ -38,19 +38,27 @@ _broker_down_until = 0.0
 
 
 def send_task(task, args: tuple, options: dict) -> None:
-    global _broker_down_until
     if task.app.conf.task_always_eager:  # embedded mode: runs here and now
         task.apply_async(args, **options)
         return
-    if time.time() < _broker_down_until:
+    if not send_now(task, args, options):
         _defer(task, args, options)
-        return
+
+
+def send_now(task, args: tuple, options: dict) -> bool:
+    """Send `task` to the broker now; False if the broker is down (known from an earlier
+    failure, or this one), and nothing is kept: the caller decides what else to do."""
+    global _broker_down_until
+    if time.time() < _broker_down_until:
+        return False
     try:
         task.apply_async(args, retry=False, **options)
     except OperationalError:
         _broker_down_until = time.time() + settings.OVERAGE_BROKER_RETRY_SECONDS
-        logger.warning("broker unreachable: %s kept in the database until it is back", task.name, exc_info=True)
-        _defer(task, args, options)
+        logger.warning("broker unreachable: %s not sent; retried after %s s", task.name,
+                       settings.OVERAGE_BROKER_RETRY_SECONDS, exc_info=True)
+        return False
+    return True
 
 
 def prepare_to_send_tasks(app) -> None:

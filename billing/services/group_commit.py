@@ -24,7 +24,7 @@ process serves several requests at once); off, each request records its own even
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 from django.conf import settings
 from django.db import close_old_connections, connection
@@ -72,13 +72,30 @@ class EventRecorder:
         while True:
             group, self._held_back = self._held_back, []
             if not group:
-                group.append((*self._queue.get(), 0))
+                self._take(group, self._queue.get())
             while len(group) < self.max_events:
                 try:
-                    group.append((*self._queue.get_nowait(), 0))
+                    self._take(group, self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._record(group)
+            if not group:
+                continue
+            try:
+                self._record(group)
+            except Exception as error:  # noqa: BLE001 - the thread must outlive any fault, and nobody wait forever
+                logger.exception("the event recorder failed on a group of %d events", len(group))
+                self._held_back = []
+                for _, future, _ in group:
+                    _settle(future, error=error)
+
+    @staticmethod
+    def _take(group: list, item: tuple[EventInput, Future]) -> None:
+        """Add a queued event to the group, unless its request gave up waiting first (a
+        cancelled future: the client went away before recording began). Once taken, it
+        can no longer be cancelled: it is being recorded and its answer will be set."""
+        event, future = item
+        if future.set_running_or_notify_cancel():
+            group.append((event, future, 0))
 
     def _record(self, group: list[tuple[EventInput, Future, int]]) -> None:
         close_old_connections()  # as a request would: a connection past its age or broken is replaced
@@ -92,14 +109,27 @@ class EventRecorder:
             if not connection.is_usable():
                 connection.close()
             for _, future, _ in group:
-                future.set_exception(error)
+                _settle(future, error=error)
             return
         self.groups_recorded += 1
         for (event, future, skips), result in zip(group, results):
             if result.locked_out:
                 self._held_back.append((event, future, skips + 1))
             else:
-                future.set_result(result)
+                _settle(future, result=result)
+
+
+def _settle(future: Future, *, result: BatchResult | None = None, error: BaseException | None = None) -> None:
+    """Set a waiting request's answer, once."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # settled meanwhile: nothing more to tell
+        pass
 
 
 _recorder: EventRecorder | None = None

@@ -156,29 +156,38 @@ def _refresh(customer_external_id: str) -> None:
     from django.utils import timezone
 
     from billing import tasks  # lazily: services never import celery tasks at import time
+    from billing.services.commit_hooks import send_now
 
     now = timezone.now()
     generation, catalogue = _tokens(customer_external_id)
     shared = cache.get(POSITION_KEY.format(customer_external_id))
     if shared is not None and shared.valid_for(generation, catalogue, now) and not shared.due_for_refresh(now):
         _remember(customer_external_id, shared)
-    elif cache.add(REBUILD_KEY.format(customer_external_id), now.isoformat(), timeout=REBUILD_LEASE_SECONDS):
-        # Not kept for later if the broker is down (as follow-ups are): the lease then
-        # lapses and a later check asks again.
-        tasks.rebuild_position_task.apply_async((customer_external_id,), retry=False)
+        return
+    lease = uuid.uuid4().hex
+    if not cache.add(REBUILD_KEY.format(customer_external_id), lease, timeout=REBUILD_LEASE_SECONDS):
+        return  # another process asked; its rebuild is adopted by a later refresh
+    task = tasks.rebuild_position_task
+    # A task that waited longer than the lease is dropped: someone has asked again by then.
+    if task.app.conf.task_always_eager or not send_now(task, (customer_external_id, lease),
+                                                        {"expires": REBUILD_LEASE_SECONDS}):
+        # Embedded mode, or the broker down: rebuilt here, in this background thread.
+        _remember(customer_external_id, rebuild_position(customer_external_id, lease))
 
 
-def rebuild_position(customer_external_id: str) -> None:
+def rebuild_position(customer_external_id: str, lease: str | None = None) -> Position:
     """Build and cache a customer's position (tokens read first, as a check does), and
-    release its rebuild lease: the Celery task behind refresh ahead."""
+    release its rebuild lease if it is still the one taken for this rebuild: the work
+    of `rebuild_position_task`."""
     from django.utils import timezone
 
     try:
         generation, catalogue = _tokens(customer_external_id)
-        position = _build_and_cache(customer_external_id, timezone.now(), generation=generation, catalogue=catalogue)
-        _remember(customer_external_id, position)  # the asking process's own, when the task ran in it
+        return _build_and_cache(customer_external_id, timezone.now(), generation=generation, catalogue=catalogue)
     finally:
-        cache.delete(REBUILD_KEY.format(customer_external_id))
+        key = REBUILD_KEY.format(customer_external_id)
+        if lease is None or cache.get(key) == lease:
+            cache.delete(key)
 
 
 # The positions this process used last, by customer. A check whose tokens match the one

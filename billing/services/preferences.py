@@ -8,6 +8,7 @@ from django.db import transaction
 from billing.errors import BillingError
 from billing.models import Alert, AlertPreference, BillingPeriod, Customer, Notification
 from billing.services.commit_hooks import enqueue
+from billing.services.locks import lock_customer
 
 MAX_THRESHOLDS = 10
 
@@ -25,6 +26,9 @@ def alert_preferences_set(*, customer: Customer, thresholds: list[int], email_en
     if unknown:
         raise BillingError(f"Unknown alert kinds: {', '.join(sorted(unknown))}.", code="invalid",
                            field="email_enabled", status=400)
+    # Under the customer's lock, as ingestion reads the thresholds: a batch in flight
+    # either sees the new ones or commits before the check queued below runs.
+    lock_customer(customer.pk)
     preference, _ = AlertPreference.objects.update_or_create(
         customer=customer, defaults={"thresholds": cleaned, "email_enabled": dict(email_enabled)})
     # Ingestion queues a check only when usage crosses a threshold; one added below

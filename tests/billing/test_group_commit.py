@@ -1,7 +1,7 @@
 """Group commit of single events: concurrent requests of one process share a
 transaction, and each still gets exactly its own answer, after the commit."""
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 
@@ -121,3 +121,22 @@ def test_a_group_records_the_customers_it_can_lock_and_sends_the_rest_again(cust
     pool.shutdown()
     assert sorted(UsageEvent.objects.values_list("event_id", flat=True)) == ["free", "held"]
     assert_ledger_consistent()
+
+
+def test_a_request_that_gave_up_waiting_neither_stops_the_recorder_nor_its_group(customers):
+    """A request cancelled while its event is queued (the check server cancels a request
+    whose client went away) is left out; the events around it are recorded and answered,
+    and the recorder keeps going. Setting the answer of a cancelled request used to raise
+    in the recorder thread and end it, leaving every later request waiting."""
+    recorder = EventRecorder(max_events=200)
+    waiting = [Future() for _ in range(3)]
+    for i, future in enumerate(waiting):
+        recorder._queue.put((EventInput(event_id=f"q{i}", customer="c0", feature="api", quantity=Decimal("1")),
+                             future))
+    assert waiting[1].cancel()
+    recorder._ensure_thread()
+
+    assert waiting[0].result(timeout=30).created and waiting[2].result(timeout=30).created
+    later = recorder.record(EventInput(event_id="later", customer="c1", feature="api", quantity=Decimal("1")))
+    assert later.created and recorder._thread.is_alive()
+    assert sorted(UsageEvent.objects.values_list("event_id", flat=True)) == ["later", "q0", "q2"]

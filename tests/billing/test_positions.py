@@ -222,6 +222,34 @@ def test_one_rebuild_is_asked_for_all_processes_and_retried_once_its_lease_lapse
     assert cache.get(positions.REBUILD_KEY.format("acme")) is None  # released by the rebuild
 
 
+@pytest.mark.django_db(transaction=True)
+def test_with_the_broker_down_a_due_position_is_rebuilt_in_the_refresh_thread(monkeypatch):
+    """With a broker, the rebuild is a Celery task; when the broker is down it is done
+    in the refresh thread as before (not left to the 30 s bound), and the lease is
+    released."""
+    from billing import tasks
+    from billing.services import commit_hooks
+
+    FeatureFactory(code="gpt-4o", default_credits_per_unit=Decimal("10"))
+    make_customer(pro_plan(overage_cap=Decimal("5")), started_at=utc(2026, 5, 1), external_id="acme")
+    with time_machine.travel(NOW, tick=False):
+        first = check()
+    make_due_from(15)
+    conf = tasks.rebuild_position_task.app.conf
+    eager = conf.task_always_eager
+    monkeypatch.setattr(commit_hooks, "_broker_down_until", float("inf"))
+    conf.task_always_eager = False  # as with a broker configured
+    try:
+        later = NOW + timedelta(seconds=20)
+        with time_machine.travel(later, tick=False):
+            assert check(now=later) == first
+            refresh_ahead.drained().result(timeout=30)
+            assert positions._recent["acme"].built_at == later
+            assert cache.get(positions.REBUILD_KEY.format("acme")) is None
+    finally:
+        conf.task_always_eager = eager
+
+
 @time_machine.travel(NOW, tick=False)
 def test_a_position_as_old_as_the_setting_is_rebuilt_before_answering(acme):
     check()
