@@ -83,7 +83,6 @@ class CheckServer:
             receive = _replay(messages, receive)
         await self.threaded(scope, receive, send)
 
-
     async def _record_inline(self, environ, body: bytes):
         """A plain single event: read and checked on the loop, recorded by the process's
         group-commit recorder (awaited, no thread held), answered on the loop. None when

@@ -163,9 +163,9 @@ class EntitlementCheckFastLane:
         # write to the database itself.
         if not (self.events_enabled and settings.OVERAGE_GROUP_COMMIT) or environ.get("SCRIPT_NAME"):
             return None
-        return _or_none("single event on the event loop", self._event_input, environ, body)
+        return _or_none("single event on the event loop", self._prepared_event, environ, body)
 
-    def _event_input(self, environ, body: bytes) -> tuple | None:
+    def _prepared_event(self, environ, body: bytes) -> tuple | None:
         request = _plain_request(environ, body)
         if request is None:
             return None

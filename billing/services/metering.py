@@ -134,8 +134,7 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
         items_by_customer = {pk: items for pk, items in items_by_customer.items() if pk in customers}
         if not items_by_customer:
             return
-    stored = _stored_events([(pk, item.event_id) for pk, items in items_by_customer.items() if pk in customers
-                             for _, item in items])
+    stored = _stored_events([(pk, item.event_id) for pk, items in items_by_customer.items() for _, item in items])
     subscriptions: dict[int, Subscription] = {}
     for subscription in (Subscription.objects.select_related("plan").filter(customer_id__in=list(customers))
                          .exclude(status=Subscription.Status.CANCELED).order_by("pk")):
