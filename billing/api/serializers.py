@@ -3,6 +3,7 @@ DESIGN.md: extend freely, rename never)."""
 
 import json
 import math
+import re
 from datetime import datetime, timezone as dt_timezone
 from decimal import Decimal
 
@@ -14,7 +15,7 @@ from plans.models import Plan
 
 from plans.money import minor_unit_exponent
 
-from .fields import CreditsField, CurrencyAmounts, MoneyField, RateField, decimal_string
+from .fields import CreditsField, CurrencyAmounts, MoneyField, RateField, decimal_pattern, decimal_string
 
 POSITIVE = Decimal("0.000001")
 # Credits per unit are bounded so that quantity × cost always fits the credit columns.
@@ -186,6 +187,9 @@ class EventSerializer(serializers.Serializer):
 _EVENT = EventSerializer()
 _EVENT_TEXT = (("id", 255), ("customer", 255), ("feature", 64))
 _EVENT_FIELDS = _EVENT.fields
+_QUANTITY = _EVENT_FIELDS["quantity"]
+_QUANTITY_TEXT = re.compile(decimal_pattern(_QUANTITY), re.ASCII)
+_QUANTITY_STEP = Decimal(1).scaleb(-_QUANTITY.decimal_places)
 
 
 def validated_event(item) -> dict:
@@ -219,13 +223,15 @@ def _plain_event(item: dict) -> dict | None:
     if data is None or "quantity" not in item:
         return None
     properties = item.get("properties", {})
-    if type(properties) is not dict or not _flat_json(properties):
+    bound = _flat_json(properties) if type(properties) is dict else None
+    if bound is None:
         return None
     try:
-        data["quantity"] = _EVENT_FIELDS["quantity"].run_validation(item["quantity"])
+        quantity = _plain_quantity(item["quantity"])
+        data["quantity"] = _QUANTITY.run_validation(item["quantity"]) if quantity is None else quantity
         if "timestamp" in item:
             data["timestamp"] = _EVENT_FIELDS["timestamp"].run_validation(item["timestamp"])
-        if properties and len(json.dumps(properties, separators=(",", ":"))) > MAX_PROPERTIES_BYTES:
+        if bound > MAX_PROPERTIES_BYTES and len(json.dumps(properties, separators=(",", ":"))) > MAX_PROPERTIES_BYTES:
             return None
         data["properties"] = dict(properties)
         if "reservation_id" in item:
@@ -235,21 +241,53 @@ def _plain_event(item: dict) -> dict | None:
     return data
 
 
-def _flat_json(properties: dict) -> bool:
-    """Text keys and scalar values that `PropertiesField` would keep as they are."""
+def _flat_json(properties: dict) -> int | None:
+    """If `PropertiesField` would keep `properties` as they are (text keys, scalar
+    values): a bound on the length of their JSON, else None. Bound: a character
+    takes at most 12 (an astral one, escaped as a surrogate pair), a number at most 24
+    (a float's repr; longer integers are left to the serializer), plus 6 of quotes and
+    separators per pair."""
+    bound = 2
     for key, value in properties.items():
         if type(key) is not str or "\x00" in key:
-            return False
+            return None
         kind = type(value)
         if kind is str:
             if "\x00" in value:
-                return False
+                return None
+            bound += 12 * len(value)
         elif kind is float:
             if not math.isfinite(value):
-                return False
-        elif kind not in (int, bool) and value is not None:
-            return False
-    return True
+                return None
+            bound += 24
+        elif kind is int:
+            if not -10**20 < value < 10**20:
+                return None
+            bound += 24
+        elif kind is not bool and value is not None:
+            return None
+        else:
+            bound += 5
+        bound += 12 * len(key) + 6
+    return bound
+
+
+def _plain_quantity(value) -> Decimal | None:
+    """The validated quantity, if `value` is an integer or a plain decimal string that
+    the quantity field's own pattern and bounds admit (then the field would answer
+    the same, padded to its places); None if the field must decide."""
+    if type(value) is int:
+        text = str(value)
+    elif type(value) is str:
+        text = value
+    else:
+        return None
+    if _QUANTITY_TEXT.fullmatch(text) is None:
+        return None
+    quantity = Decimal(text)
+    if not _QUANTITY.min_value <= quantity <= _QUANTITY.max_value:
+        return None
+    return quantity.quantize(_QUANTITY_STEP)
 
 
 class EventResultSerializer(serializers.Serializer):

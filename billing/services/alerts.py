@@ -30,6 +30,7 @@ from billing.models import (
     Alert, AlertPreference, BillingPeriod, CreditGrant, Customer, LedgerEntry, Notification, Subscription,
     UsageEvent, default_alert_thresholds,
 )
+from billing.services import rows
 from billing.services.customers import current_period, live_subscription
 from billing.services.caps import effective_overage_cap
 from billing.services.invoicing import overage_waived_amount
@@ -91,23 +92,31 @@ def periods_crossing_a_threshold(drawn: dict[int, Decimal]) -> set[int]:
     checked when they save it: `alert_preferences_set`.)"""
     if not drawn:
         return set()
-    rows = list(CreditGrant.objects.filter(period_id__in=list(drawn), source=CreditGrant.Source.PLAN_ALLOCATION)
-                .values("period_id", "customer_id").annotate(credits=Sum("credits"), remaining=Sum("remaining")))
-    chosen = dict(AlertPreference.objects.filter(customer_id__in={row["customer_id"] for row in rows})
-                  .values_list("customer_id", "thresholds"))
+    # Hand-written SQL (`rows`): this runs for every group of single events.
+    grant, preference = CreditGrant._meta, AlertPreference._meta
+    period_ids = list(drawn)
+    totals = rows.fetch_values(
+        f"SELECT period_id, customer_id, SUM(credits), SUM(remaining) FROM {grant.db_table} "
+        f"WHERE period_id IN ({rows.in_list(period_ids)}) AND source = %s GROUP BY period_id, customer_id",
+        [*period_ids, CreditGrant.Source.PLAN_ALLOCATION], [None, None, grant.get_field("credits"),
+                                                             grant.get_field("remaining")])
+    customer_ids = list({customer_id for _, customer_id, _, _ in totals})
+    chosen = dict(rows.fetch_values(
+        f"SELECT customer_id, thresholds FROM {preference.db_table} WHERE customer_id IN ({rows.in_list(customer_ids)})",
+        customer_ids, [None, preference.get_field("thresholds")]))
     crossed = set()
-    for row in rows:
-        included = credits_total(row["credits"])
+    for period_id, customer_id, credits, remaining in totals:
+        included = credits_total(credits)
         if included <= ZERO:
             continue
         # Open periods: nothing but usage has lowered `remaining` yet (expiry and
         # rollover happen at close, after which no check fires).
-        after = included - credits_total(row["remaining"])
-        before = after - drawn[row["period_id"]]
-        thresholds = _valid_thresholds(chosen.get(row["customer_id"], default_alert_thresholds()))
+        after = included - credits_total(remaining)
+        before = after - drawn[period_id]
+        thresholds = _valid_thresholds(chosen.get(customer_id, default_alert_thresholds()))
         if any(threshold_reached(after, included, t) and not threshold_reached(before, included, t)
                for t in thresholds):
-            crossed.add(row["period_id"])
+            crossed.add(period_id)
     return crossed
 
 

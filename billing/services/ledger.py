@@ -19,9 +19,10 @@ from psycopg.types.json import Jsonb
 
 from billing.errors import BillingError, Conflict
 from billing.models import (
-    BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, Subscription,
+    BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, ReservationHold, Subscription,
     UsageEvent, UsageRollup,
 )
+from billing.services import rows
 from billing.services.caps import effective_overage_cap  # noqa: F401 - also imported from here
 from billing.services.locks import lock_customer
 from plans.models import Feature, Plan
@@ -204,29 +205,37 @@ class CustomerLedger:
 
     @staticmethod
     def _load(customer_ids: list[int], now: datetime, since: datetime) -> dict[int, tuple]:
-        """customer id → (usable grants in consumption order, grant scopes, active holds)."""
+        """customer id → (usable grants in consumption order, grant scopes, active holds).
+        Hand-written SQL (`rows`): this runs for every group of single events."""
         loaded = {pk: ([], {}, {}) for pk in customer_ids}
-        grants = list(
-            CreditGrant.objects.filter(customer_id__in=customer_ids, remaining__gt=0)
-            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=since))
-            .order_by(F("expires_at").asc(nulls_last=True), "priority", "created_at", "id")
-        )
+        grants = rows.fetch(
+            CreditGrant,
+            f"customer_id IN ({rows.in_list(customer_ids)}) AND remaining > 0 "
+            "AND (expires_at IS NULL OR expires_at > %s)",
+            [*customer_ids, rows.db_value(CreditGrant, "expires_at", since)],
+            order_by="expires_at IS NULL, expires_at, priority, created_at, id")
         owner = {}
         for grant in grants:
             loaded[grant.customer_id][0].append(grant)
             owner[grant.pk] = grant.customer_id
-        for grant_id, feature_id in CreditGrant.features.through.objects.filter(
-            creditgrant__in=list(owner)
-        ).values_list("creditgrant_id", "feature_id"):
-            loaded[owner[grant_id]][1].setdefault(grant_id, set()).add(feature_id)
+        if owner:
+            through = CreditGrant.features.through._meta.db_table
+            for grant_id, feature_id in rows.fetch_values(
+                    f"SELECT creditgrant_id, feature_id FROM {through} WHERE creditgrant_id IN ({rows.in_list(owner)})",
+                    list(owner), [None, None]):
+                loaded[owner[grant_id]][1].setdefault(grant_id, set()).add(feature_id)
         # Active holds: reservation → ({grant: credits}, overage credits, period id, expiry).
-        for reservation in Reservation.objects.filter(
-            customer_id__in=customer_ids, status=Reservation.Status.ACTIVE, expires_at__gt=now
-        ).prefetch_related("holds"):
-            loaded[reservation.customer_id][2][reservation.pk] = (
-                {h.grant_id: h.credits for h in reservation.holds.all()},
-                reservation.overage_credits, reservation.period_id, reservation.expires_at,
-            )
+        reservations = rows.fetch(
+            Reservation, f"customer_id IN ({rows.in_list(customer_ids)}) AND status = %s AND expires_at > %s",
+            [*customer_ids, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)])
+        if reservations:
+            holds: dict = {r.pk: {} for r in reservations}
+            for hold in ReservationHold.objects.filter(reservation__in=reservations):
+                # (On SQLite a foreign key to a UUID comes back as its hex text.)
+                holds[Reservation._meta.pk.to_python(hold.reservation_id)][hold.grant_id] = hold.credits
+            for reservation in reservations:
+                loaded[reservation.customer_id][2][reservation.pk] = (
+                    holds[reservation.pk], reservation.overage_credits, reservation.period_id, reservation.expires_at)
         return loaded
 
     # -- deciding --
@@ -382,11 +391,29 @@ class CustomerLedger:
     def _flush_rollups(rollups: dict[tuple, list]) -> None:
         if not rollups:
             return
+        connection = transaction.get_connection()
+        if connection.vendor == "postgresql":
+            # One statement, the additions made by PostgreSQL in exact numeric. (SQLite
+            # adds decimals in floating point: there the totals are added in Python.)
+            table, columns = UsageRollup._meta.db_table, ["events", "quantity", "credits", "overage_credits",
+                                                          "overage_events"]
+            row = "(%s::bigint, %s::bigint, %s::date, %s::integer, %s::numeric, %s::numeric, %s::numeric, %s::integer)"
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {table} (period_id, feature_id, day, {', '.join(columns)}) "
+                    f"VALUES {', '.join([row] * len(rollups))} "
+                    "ON CONFLICT (period_id, feature_id, day) DO UPDATE SET "
+                    + ", ".join(f"{column} = {table}.{column} + EXCLUDED.{column}" for column in columns),
+                    [value for key, totals in sorted(rollups.items()) for value in (*key, *totals)])
+            return
         keys = list(rollups)
+        period_ids, feature_ids = list({k[0] for k in keys}), list({k[1] for k in keys})
+        days = [rows.db_value(UsageRollup, "day", day) for day in {k[2] for k in keys}]
         existing = {
             (r.period_id, r.feature_id, r.day): r
-            for r in UsageRollup.objects.filter(period_id__in={k[0] for k in keys}, day__in={k[2] for k in keys},
-                                                feature_id__in={k[1] for k in keys})
+            for r in rows.fetch(UsageRollup, f"period_id IN ({rows.in_list(period_ids)}) "
+                                f"AND feature_id IN ({rows.in_list(feature_ids)}) AND day IN ({rows.in_list(days)})",
+                                [*period_ids, *feature_ids, *days])
         }
         new, changed = [], []
         for key, (events, quantity, credits, overage, overage_events) in rollups.items():

@@ -22,6 +22,12 @@ properties = st.one_of(
 quantity = st.one_of(
     st.integers(-2, 2), st.integers(999_999_999, 1_000_000_001), st.just("1.5"), st.just("0.0000001"),
     st.just("1e3"), st.just(" 2 "), st.just("abc"), st.just(1.25), st.just(True), st.none(), st.just("1" * 30),
+    # Plain decimal strings (the shortcut's own pattern and bounds) and their edges.
+    st.decimals(min_value=-1, max_value=2 * 10**9, places=7, allow_nan=False, allow_infinity=False).map(str),
+    st.decimals(min_value=0, max_value=10**3, places=6, allow_nan=False, allow_infinity=False).map(
+        lambda d: format(d, "f")),
+    st.sampled_from(["0.000001", "0.0000010", "1000000000", "1000000000.000000", "1000000000.000001",
+                     "999999999.999999", "00.5", ".5", "5.", "+1", "-0", "0", "0.0", "1.", "1_000", "١"]),
 )
 timestamp = st.one_of(st.just("2026-05-10T12:00:00Z"), st.just("2026-05-10T12:00:00+02:00"), st.just("2026-05-10"),
                       st.just("2026-05-10T12:00:00"), st.just("yesterday"), st.integers(), st.none())

@@ -223,7 +223,8 @@ def test_a_chunk_is_closed_in_batches_of_the_configured_size(settings):
         invoices = close_periods(period_ids=period_ids, now=AFTER_GRACE)
 
     locks = [q["sql"] for q in queries if q["sql"].startswith('SELECT "billing_customer"') and "FOR UPDATE" in q["sql"]]
-    assert len(locks) == 3  # 2 + 2 + 1 periods
+    if connection.features.has_select_for_update:  # (SQLite locks the whole file instead)
+        assert len(locks) == 3  # 2 + 2 + 1 periods
     assert [i.total for i in invoices] == [Decimal("49.00")] * 2 + [Decimal("54.00")] + [Decimal("49.00")] * 2
     assert invoice_numbers() == list(range(1, 11))
     assert_ledger_consistent()

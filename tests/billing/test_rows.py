@@ -1,0 +1,104 @@
+"""The metering hot path reads rows by hand-written SQL (billing.services.rows). What it
+builds must be what the ORM builds, value for value, on SQLite (decimals come back as
+floats, datetimes as text, UUIDs as hex) as on PostgreSQL; and the one lookup that runs
+against the whole event table must probe its index, not scan it."""
+
+from decimal import Decimal
+
+import pytest
+import time_machine
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from billing.models import AlertPreference, BillingPeriod, CreditGrant, Customer, Reservation, Subscription
+from billing.services import rows
+from billing.services.entitlements import check_entitlement
+from billing.services.ledger import CustomerLedger
+from billing.services.metering import EventInput, _periods_by_customer, _stored_events, record_events
+from plans.models import Plan
+from tests.factories import FeatureFactory, make_customer, pro_plan, set_tiers, utc
+
+pytestmark = pytest.mark.django_db
+NOW = utc(2026, 5, 10, 9)
+
+
+def _values(obj) -> dict:
+    return {name: value for name, value in obj.__dict__.items() if not name.startswith("_")}
+
+
+@pytest.fixture
+def customer():
+    FeatureFactory(code="api", default_credits_per_unit=Decimal("1.5"))
+    plan = set_tiers(pro_plan(overage_cap=Decimal("12.34")), ("1000", "0.002"), (None, "0.0015"))
+    with time_machine.travel(NOW, tick=False):
+        customer = make_customer(plan, started_at=utc(2026, 5, 1), external_id="acme")
+        check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("3.25"), now=NOW,
+                          reserve=True)
+        AlertPreference.objects.create(customer=customer, thresholds=[25, 75])
+    return customer
+
+
+@pytest.mark.parametrize("model", [Customer, Subscription, BillingPeriod, CreditGrant, Reservation, Plan])
+def test_fetch_builds_what_the_orm_builds(customer, model):
+    by_orm = sorted(model.objects.all(), key=lambda obj: str(obj.pk))
+    by_hand = sorted(rows.fetch(model, "1 = 1", []), key=lambda obj: str(obj.pk))
+
+    assert by_orm, "nothing to compare"
+    assert [_values(obj) for obj in by_hand] == [_values(obj) for obj in by_orm]
+    assert all(type(value) is type(_values(orm)[name])
+               for hand, orm in zip(by_hand, by_orm) for name, value in _values(hand).items())
+    assert all(not obj._state.adding and obj._state.db == "default" for obj in by_hand)
+
+
+def test_fetch_values_converts_sums_and_json_as_the_orm_does(customer):
+    total, thresholds = rows.fetch_values(
+        "SELECT SUM(g.remaining), p.thresholds FROM billing_creditgrant g JOIN billing_alertpreference p "
+        "ON p.customer_id = g.customer_id WHERE g.customer_id = %s GROUP BY p.thresholds",
+        [customer.pk], [CreditGrant._meta.get_field("remaining"), AlertPreference._meta.get_field("thresholds")])[0]
+
+    assert total == Decimal("10000") and type(total) is Decimal
+    assert thresholds == [25, 75]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_periods_come_with_their_plans_tiers_read_from_memory(customer):
+    periods = _periods_by_customer([customer.pk], NOW)[customer.pk]
+
+    with CaptureQueriesContext(connection) as queries:
+        tiers = [(t.up_to, t.unit_price) for t in periods[0].plan.overage_tiers.all()]
+    assert tiers == [(Decimal("1000"), Decimal("0.002")), (None, Decimal("0.0015"))]
+    assert len(queries) == 0
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_ledger_loaded_by_hand_holds_what_the_reservation_holds(customer):
+    reservation = Reservation.objects.get()
+    with transaction.atomic():
+        ledger = CustomerLedger.load_many({customer.pk: customer}, {}, now=NOW, since=NOW)[customer.pk]
+
+    assert list(ledger._holds) == [reservation.pk]
+    grants, overage, period_id, expires_at = ledger._holds[reservation.pk]
+    assert grants == {CreditGrant.objects.get().pk: Decimal("4.875")} and overage == Decimal("0")
+    assert (period_id, expires_at) == (reservation.period_id, reservation.expires_at)
+
+
+@pytest.mark.postgres
+@time_machine.travel(NOW, tick=False)
+def test_looking_up_stored_event_ids_probes_the_index_whatever_the_table_size(customer):
+    """A plain join of the keys to the event table made PostgreSQL hash the whole table
+    (22 ms at 44 000 events, growing with every event ingested)."""
+    record_events(events=[EventInput(event_id=f"e{i}", customer="acme", feature="api", quantity=Decimal("1"))
+                          for i in range(1000)], now=NOW)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE billing_usageevent")
+    keys = [(customer.pk, f"new-{i}") for i in range(1000)] + [(customer.pk, "e7")]
+
+    with CaptureQueriesContext(connection) as queries:
+        found = _stored_events(keys)
+    assert [event_id for _, event_id in found] == ["e7"]
+
+    lookup = next(q["sql"] for q in queries if "unnest" in q["sql"])
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + lookup)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Seq Scan on billing_usageevent" not in plan and "unique_event_id_per_customer" in plan
