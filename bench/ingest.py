@@ -6,7 +6,7 @@ What it does, all on 127.0.0.1, bounded in time and count (about 1-2 minutes):
   1. drops and re-creates the PostgreSQL database `overage_bench`, migrates it, and
      creates one feature, a Pro-like plan (10 000 included credits, overage at 0.002),
      N customers and an API key through the project's own services;
-  2. starts `gunicorn config.wsgi --workers 2` (threaded) and the check server
+  2. starts `gunicorn config.wsgi --workers 4` (sync workers, as the README) and the check server
      `gunicorn config.asgi:application --worker-class asgi --workers 2` in production mode
      (DEBUG=0); checks and single events go to the check server, as production routes
      them (--check-server wsgi, --single-server wsgi: to the first);
@@ -213,12 +213,14 @@ class Server:
     """gunicorn: the application (config.wsgi, threaded workers) or the check server
     (config.asgi, asyncio workers: `threads` is then unused)."""
 
-    def __init__(self, env: dict[str, str], workers: int, threads: int, *, check_server: bool = False):
+    def __init__(self, env: dict[str, str], workers: int, threads: int, *, check_server: bool = False,
+                 worker_class: str = "sync"):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="overage-bench-gunicorn-", suffix=".log", delete=False)
         kind = ["config.asgi:application", "--worker-class", "asgi"] if check_server else [
-            "config.wsgi", "--worker-class", "gthread", "--threads", str(threads)]
+            "config.wsgi", "--worker-class", worker_class, *(["--threads", str(threads)] if worker_class == "gthread"
+                                                             else [])]
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), *kind, "--workers", str(workers), "--bind", f"127.0.0.1:{self.port}"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -513,7 +515,9 @@ def ratio_text(latency, raw, what: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--customers", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (README: 2 per core)")
+    parser.add_argument("--worker-class", choices=["sync", "gthread"], default="sync",
+                        help="gunicorn worker class of the API server (README: sync; gthread: threaded)")
     parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker (gthread)")
     parser.add_argument("--batch-size", type=int, default=1000,
                         help="events per batch request (the API's maximum, 1 000, by default)")
@@ -579,7 +583,7 @@ def main() -> int:
          "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log(f"starting gunicorn with {args.workers} workers")
-    server = Server(env, args.workers, args.threads)
+    server = Server(env, args.workers, args.threads, worker_class=args.worker_class)
     # Checks go to the check server (config/asgi.py) unless --check-server wsgi: then to the same gunicorn.
     checks = Server(env, args.check_workers, 0, check_server=True) if args.check_server == "asgi" else server
     if args.check_server != "asgi":
@@ -839,7 +843,8 @@ def main() -> int:
     commit_id = git("rev-parse", "--short", "HEAD")
     print()
     print(f"Overage ingestion benchmark - commit {commit_id}, {os.cpu_count()} cores, "
-          f"gunicorn {args.workers} gthread workers x {args.threads} threads, "
+          + (f"gunicorn {args.workers} gthread workers x {args.threads} threads, " if args.worker_class == "gthread"
+             else f"gunicorn {args.workers} sync workers, ")
           + (f"check server {args.check_workers} asyncio workers, " if args.check_server == "asgi" else "")
           + f"{args.customers} customers, "
           f"load average at start {load_at_start[0]:.2f}")
@@ -867,7 +872,8 @@ def main() -> int:
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start],
                     "platform": platform.platform(), "python": platform.python_version()},
         "config": {
-            "customers": args.customers, "gunicorn_workers": args.workers, "gunicorn_worker_class": "gthread", "gunicorn_threads": args.threads,
+            "customers": args.customers, "gunicorn_workers": args.workers, "gunicorn_worker_class": args.worker_class,
+            "gunicorn_threads": args.threads if args.worker_class == "gthread" else None,
             "check_server": args.check_server, "check_server_workers": args.check_workers if args.check_server == "asgi"
             else None,
             "group_commit": True,

@@ -28,6 +28,7 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiter: asyncio.Future | None = None
         self.closed = False
+        self.closing = False  # the server said "Connection: close"
         self._need: int | None = None  # bytes of a complete answer, once the head is read
         self._status = 0
         self._head_end = 0
@@ -51,6 +52,9 @@ class Connection(asyncio.Protocol):
                 self._status = int(head[0].split(" ", 2)[1])
                 length = next(int(line.split(":", 1)[1]) for line in head[1:]
                               if line[:15].lower() == "content-length:")
+                # A server that closes after each answer (gunicorn's sync workers): the
+                # connection must not go back to the pool, or the next request is lost.
+                self.closing = any(line.lower().replace(" ", "") == "connection:close" for line in head[1:])
             except (IndexError, ValueError, StopIteration):
                 self._fail(HttpError(f"unreadable answer head: {head[:1]}"))
                 return
@@ -138,7 +142,10 @@ class Client:
             if conn.transport is not None:
                 conn.transport.close()
             raise
-        self.idle.append(conn)
+        if conn.closing:
+            conn.transport.close()
+        else:
+            self.idle.append(conn)
         return answer
 
     def close(self) -> None:
@@ -195,8 +202,11 @@ async def open_loop(client: Client, *, path: str, rate: float, seconds: float, t
     answered = 0
 
     def free(conn: Connection) -> None:
+        if conn.closing and not conn.closed:
+            conn.transport.close()
+            conn.closed = True
         if conn.closed:
-            live.discard(conn)  # the server closed it (keep-alive timeout, restart)
+            live.discard(conn)  # the server closed it (keep-alive timeout, restart, Connection: close)
             if backlog:
                 dispatch()
         elif backlog:

@@ -286,7 +286,8 @@ class Process:
 
 
 class Web(Process):
-    """gunicorn as the README runs it: 2 gthread workers."""
+    """gunicorn as the README runs it without a check server: 2 gthread workers, single
+    events sharing transactions (group commit)."""
 
     def __init__(self, log_dir: Path, api_key: str, workers: int = 2, threads: int = 16, **extra_env: str):
         self.port = free_port()
