@@ -491,41 +491,56 @@ def new_row(model, **values):
     """`model(**values)`, for the objects a batch builds by the thousand (events and their
     entries): `Model.__init__` runs every field through its descriptor, a fifth of
     recording an event. Attributes are set directly and related objects cached as their
-    descriptors cache them. A test holds the result equal to `model(**values)`; models
-    with init signals must not use it."""
-    shape = _ROW_SHAPES.get(model)
-    if shape is None:
-        shape = _ROW_SHAPES[model] = _row_shape(model)
-    defaults, factories, relations, attnames = shape
+    descriptors cache them, by a plan made once per model and set of names. A test holds
+    the result equal to `model(**values)`; models with init signals must not use it."""
+    key = (model, *values)
+    plan = _ROW_PLANS.get(key)
+    if plan is None:
+        plan = _ROW_PLANS[key] = _row_plan(model, list(values))
+    defaults, factories, plain, relations = plan
     obj = model.__new__(model)
     obj._state = state = ModelState()
     attributes = obj.__dict__
     attributes.update(defaults)
     for attname, factory in factories:
         attributes[attname] = factory()
-    for name, value in values.items():
-        attname = relations.get(name)
-        if attname is not None:
-            attributes[attname] = None if value is None else value.pk
-            state.fields_cache[name] = value
-            if state.db is None and value is not None:
-                state.db = value._state.db  # as the descriptor does (the default router's answer)
-        elif name in attnames:
-            attributes[name] = value
+    for name in plain:
+        attributes[name] = values[name]
+    cache = state.fields_cache
+    for name, attname, pk_attname in relations:
+        value = cache[name] = values[name]
+        if value is None:
+            attributes[attname] = None
         else:
-            raise TypeError(f"{model.__name__}() got an unexpected keyword argument {name!r}")
+            attributes[attname] = getattr(value, pk_attname)
+            if state.db is None:
+                state.db = value._state.db  # as the descriptor does (the default router's answer)
     return obj
 
 
-_ROW_SHAPES: dict = {}
+_ROW_PLANS: dict = {}
 
 
-def _row_shape(model) -> tuple:
+def _row_plan(model, names: list[str]) -> tuple:
+    """(defaults, default factories, plain names, relations as (name, attname, related
+    pk attname)) for building `model` from `names`."""
     fields = model._meta.concrete_fields
     defaults = {f.attname: f.get_default() for f in fields if not (f.has_default() and callable(f.default))}
     factories = [(f.attname, f.default) for f in fields if f.has_default() and callable(f.default)]
-    relations = {f.name: f.attname for f in fields if f.is_relation}
-    return defaults, factories, relations, {f.attname for f in fields}
+    by_name = {f.name: f for f in fields if f.is_relation}
+    attnames = {f.attname for f in fields}
+    plain, relations = [], []
+    for name in names:
+        if name in by_name:
+            field = by_name[name]
+            relations.append((name, field.attname, field.related_model._meta.pk.attname))
+        elif name in attnames:
+            plain.append(name)
+        else:
+            raise TypeError(f"{model.__name__}() got an unexpected keyword argument {name!r}")
+    # Factories for fields given explicitly would only be overwritten.
+    given = set(plain) | {attname for _, attname, _ in relations}
+    return defaults, [(a, f) for a, f in factories if a not in given], plain, relations
 
 
 def bulk_set(model, objects: list, fields: list[str]) -> None:
