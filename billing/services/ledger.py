@@ -373,38 +373,38 @@ class CustomerLedger:
         together in a handful of bulk statements. New balances are computed here in
         Decimal rather than with F() in SQL, because SQLite does decimal arithmetic in
         floating point; the customers' locks keep them current."""
-        assert transaction.get_connection().in_atomic_block, "flush needs the customers' transaction"
-        bulk_insert(UsageEvent, [e for ledger in ledgers for e in ledger._events])
-        bulk_insert(LedgerEntry, [e for ledger in ledgers for e in ledger._entries])
-        bulk_set(CreditGrant, [g for ledger in ledgers for g in ledger._dirty_grants.values()], ["remaining"])
-        bulk_set(BillingPeriod, [p for ledger in ledgers for p in ledger._periods.values()],
-                 ["credits_used", "overage_credits"])
+        connection = transaction.get_connection()
+        assert connection.in_atomic_block, "flush needs the customers' transaction"
+        events = [e for ledger in ledgers for e in ledger._events]
+        entries = [e for ledger in ledgers for e in ledger._entries]
+        keys = draw_keys([(UsageEvent, len(events)), (LedgerEntry, len(entries))])
+        bulk_insert(UsageEvent, events, keys=keys and keys[0])
+        bulk_insert(LedgerEntry, entries, keys=keys and keys[1])
+        grants = [g for ledger in ledgers for g in ledger._dirty_grants.values()]
+        periods = [p for ledger in ledgers for p in ledger._periods.values()]
+        rollups = {key: totals for ledger in ledgers for key, totals in ledger._rollups.items()}
+        if connection.vendor == "postgresql":
+            # Balances, period totals and rollups in one statement (a group of single
+            # events pays for every statement, whatever its size).
+            execute_together([bulk_set_sql(CreditGrant, grants, ["remaining"]),
+                              bulk_set_sql(BillingPeriod, periods, ["credits_used", "overage_credits"]),
+                              _rollups_upsert_sql(rollups)])
+        else:
+            bulk_set(CreditGrant, grants, ["remaining"])
+            bulk_set(BillingPeriod, periods, ["credits_used", "overage_credits"])
+            CustomerLedger._flush_rollups(rollups)
         settled = [pk for ledger in ledgers for pk in ledger._settled]
         if settled:
             Reservation.objects.filter(pk__in=settled, status=Reservation.Status.ACTIVE).update(
                 status=Reservation.Status.SETTLED, ended_at=ledgers[0].now)
-        CustomerLedger._flush_rollups({key: totals for ledger in ledgers for key, totals in ledger._rollups.items()})
         for ledger in ledgers:
             ledger._events, ledger._entries, ledger._dirty_grants, ledger._settled, ledger._rollups = [], [], {}, [], {}
 
     @staticmethod
     def _flush_rollups(rollups: dict[tuple, list]) -> None:
+        """Add to the rollups in Python (SQLite adds decimals in floating point); on
+        PostgreSQL `_rollups_upsert_sql` lets the database add them in exact numeric."""
         if not rollups:
-            return
-        connection = transaction.get_connection()
-        if connection.vendor == "postgresql":
-            # One statement, the additions made by PostgreSQL in exact numeric. (SQLite
-            # adds decimals in floating point: there the totals are added in Python.)
-            table, columns = UsageRollup._meta.db_table, ["events", "quantity", "credits", "overage_credits",
-                                                          "overage_events"]
-            row = "(%s::bigint, %s::bigint, %s::date, %s::integer, %s::numeric, %s::numeric, %s::numeric, %s::integer)"
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f"INSERT INTO {table} (period_id, feature_id, day, {', '.join(columns)}) "
-                    f"VALUES {', '.join([row] * len(rollups))} "
-                    "ON CONFLICT (period_id, feature_id, day) DO UPDATE SET "
-                    + ", ".join(f"{column} = {table}.{column} + EXCLUDED.{column}" for column in columns),
-                    [value for key, totals in sorted(rollups.items()) for value in (*key, *totals)])
             return
         keys = list(rollups)
         period_ids, feature_ids = list({k[0] for k in keys}), list({k[1] for k in keys})
@@ -433,13 +433,67 @@ class CustomerLedger:
         bulk_set(UsageRollup, changed, ["events", "quantity", "credits", "overage_credits", "overage_events"])
 
 
-def bulk_insert(model, objects: list) -> None:
+def _rollups_upsert_sql(rollups: dict[tuple, list]) -> tuple[str, list] | None:
+    """PostgreSQL: add each (period, feature, day)'s totals to its rollup row, created if
+    missing, in exact numeric."""
+    if not rollups:
+        return None
+    table = UsageRollup._meta.db_table
+    columns = ["events", "quantity", "credits", "overage_credits", "overage_events"]
+    row = "(%s::bigint, %s::bigint, %s::date, %s::integer, %s::numeric, %s::numeric, %s::numeric, %s::integer)"
+    return (f"INSERT INTO {table} (period_id, feature_id, day, {', '.join(columns)}) "
+            f"VALUES {', '.join([row] * len(rollups))} "
+            "ON CONFLICT (period_id, feature_id, day) DO UPDATE SET "
+            + ", ".join(f"{column} = {table}.{column} + EXCLUDED.{column}" for column in columns),
+            [value for key, totals in sorted(rollups.items()) for value in (*key, *totals)])
+
+
+def execute_together(statements: list[tuple[str, list] | None]) -> None:
+    """PostgreSQL: run data-modifying statements (none reading what another writes) as
+    one, all but the last as `WITH` clauses, which PostgreSQL runs to completion whether
+    or not they are read."""
+    statements = [statement for statement in statements if statement is not None]
+    if not statements:
+        return
+    *before, (last_sql, last_params) = statements
+    sql = (("WITH " + ", ".join(f"w{index} AS ({text})" for index, (text, _) in enumerate(before)) + " ")
+           if before else "") + last_sql
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(sql, [value for _, params in statements for value in params])
+
+
+def draw_keys(counts: list[tuple]) -> list[list[int]] | None:
+    """PostgreSQL: primary keys for (model, how many) from each model's sequence, in one
+    query, ascending per model; None elsewhere (bulk_create gets them). Each sequence is
+    named once (a MATERIALIZED CTE, or PostgreSQL inlines it and looks the sequence up
+    for every key: 3 of every 3.5 ms of 1 000 keys)."""
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        return None
+    wanted = [(index, model, count) for index, (model, count) in enumerate(counts) if count]
+    keys: list[list[int]] = [[] for _ in counts]
+    if not wanted:
+        return keys
+    sequences = ", ".join(f"s{index} AS MATERIALIZED (SELECT pg_get_serial_sequence(%s, %s)::regclass AS seq)"
+                          for index, _, _ in wanted)
+    draws = " UNION ALL ".join(f"(SELECT {index}, nextval(s{index}.seq) FROM s{index}, generate_series(1, %s))"
+                               for index, _, _ in wanted)
+    params = [value for _, model, _ in wanted for value in (model._meta.db_table, model._meta.pk.column)]
+    with connection.cursor() as cursor:
+        cursor.execute(f"WITH {sequences} {draws}", params + [count for _, _, count in wanted])
+        for index, key in cursor.fetchall():
+            keys[index].append(key)
+    return keys
+
+
+def bulk_insert(model, objects: list, *, keys: list[int] | None = None) -> None:
     """Insert new objects and give them their primary keys. On PostgreSQL the keys are
     drawn from the table's sequence in one query and the rows sent by `COPY`: Django's
     `bulk_create` prepares every value of every row in Python and psycopg quotes them
     again, which was half a 1 000-event batch's time; elsewhere `bulk_create`. Like
     `bulk_create`, no signals and no `save()`. Keys drawn in one call ascend, so the
-    rows keep the objects' order."""
+    rows keep the objects' order; `keys` passes keys drawn beforehand (`draw_keys`,
+    several tables' in one query)."""
     if not objects:
         return
     connection = transaction.get_connection()
@@ -455,14 +509,10 @@ def bulk_insert(model, objects: list) -> None:
     relations = [(i, f) for i, f in enumerate(fields) if f.is_relation]
     encoders = [(i, partial(json.dumps, cls=f.encoder)) for i, f in enumerate(fields) if isinstance(f, JSONField)]
     attnames = [f.attname for f in fields]
+    if keys is None:
+        keys = draw_keys([(model, len(objects))])[0]
+    assert len(keys) == len(objects), "one key per object"
     with connection.cursor() as cursor:
-        # The sequence named once (MATERIALIZED, or PostgreSQL inlines the CTE):
-        # `nextval(pg_get_serial_sequence(…))` looked it up for every key, 3 of every
-        # 3.5 ms of 1 000 keys.
-        cursor.execute("WITH s AS MATERIALIZED (SELECT pg_get_serial_sequence(%s, %s)::regclass AS seq) "
-                       "SELECT nextval(s.seq) FROM s, generate_series(1, %s)",
-                       [meta.db_table, meta.pk.column, len(objects)])
-        keys = [row[0] for row in cursor.fetchall()]
         columns = ", ".join(quote(f.column) for f in [meta.pk, *fields])
         with cursor.cursor.copy(f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN") as copy:
             for key, obj in zip(keys, objects):
@@ -549,10 +599,17 @@ def bulk_set(model, objects: list, fields: list[str]) -> None:
     which cost more Python than the rest of a batch's flush; elsewhere `bulk_update`."""
     if not objects:
         return
-    connection = transaction.get_connection()
-    if connection.vendor != "postgresql":
+    if transaction.get_connection().vendor != "postgresql":
         model.objects.bulk_update(objects, fields)
         return
+    execute_together([bulk_set_sql(model, objects, fields)])
+
+
+def bulk_set_sql(model, objects: list, fields: list[str]) -> tuple[str, list] | None:
+    """PostgreSQL: the `UPDATE … FROM (VALUES …)` of `bulk_set`."""
+    if not objects:
+        return None
+    connection = transaction.get_connection()
     meta, quote = model._meta, connection.ops.quote_name
     columns = [meta.get_field(name).column for name in fields]
     types = [meta.pk.db_type(connection)] + [meta.get_field(name).db_type(connection) for name in fields]
@@ -561,9 +618,7 @@ def bulk_set(model, objects: list, fields: list[str]) -> None:
     sql = (f"UPDATE {quote(meta.db_table)} AS t SET {assignments} "
            f"FROM (VALUES {', '.join([row] * len(objects))}) AS v(pk, {', '.join(quote(c) for c in columns)}) "
            f"WHERE t.{quote(meta.pk.column)} = v.pk")
-    params = [value for obj in objects for value in (obj.pk, *(getattr(obj, name) for name in fields))]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    return sql, [value for obj in objects for value in (obj.pk, *(getattr(obj, name) for name in fields))]
 
 
 # --- Expiry -----------------------------------------------------------------------------
