@@ -231,8 +231,7 @@ class CustomerLedger:
         if reservations:
             holds: dict = {r.pk: {} for r in reservations}
             for hold in ReservationHold.objects.filter(reservation__in=reservations):
-                # (On SQLite a foreign key to a UUID comes back as its hex text.)
-                holds[Reservation._meta.pk.to_python(hold.reservation_id)][hold.grant_id] = hold.credits
+                holds[hold.reservation_id][hold.grant_id] = hold.credits
             for reservation in reservations:
                 loaded[reservation.customer_id][2][reservation.pk] = (
                     holds[reservation.pk], reservation.overage_credits, reservation.period_id, reservation.expires_at)
@@ -477,7 +476,7 @@ def draw_keys(counts: list[tuple]) -> list[list[int]] | None:
     sequences = ", ".join(f"s{index} AS MATERIALIZED (SELECT pg_get_serial_sequence(%s, %s)::regclass AS seq)"
                           for index, _, _ in wanted)
     draws = " UNION ALL ".join(f"(SELECT {index}, nextval(s{index}.seq) FROM s{index}, generate_series(1, %s))"
-                               for index, _, _ in wanted)
+                               for index, _, _ in wanted) + " ORDER BY 1, 2"
     params = [value for _, model, _ in wanted for value in (model._meta.db_table, model._meta.pk.column)]
     with connection.cursor() as cursor:
         cursor.execute(f"WITH {sequences} {draws}", params + [count for _, _, count in wanted])

@@ -148,6 +148,10 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
               for pk, items in items_by_customer.items()}
     since = min(min(s) for s in stamps.values())
     periods = _periods_by_customer(list(customers), since)
+    plans = {period.plan_id: period.plan for ps in periods.values() for period in ps}
+    for subscription in subscriptions.values():
+        if subscription.plan_id in plans:  # (else read when needed: a plan changed mid-period)
+            subscription.plan = plans[subscription.plan_id]
     for pk, subscription in subscriptions.items():
         # Never a period that has not started: a plan change made before the boundary
         # must still shape it.

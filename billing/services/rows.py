@@ -70,6 +70,13 @@ def attach_related(instances, related_name: str, related: list, key: str) -> Non
     by_owner: dict = {}
     for item in related:
         by_owner.setdefault(getattr(item, key), []).append(item)
+    instances = list(instances)
+    if not instances:
+        return
+    back = instances[0]._meta.get_field(related_name).field  # the related model's foreign key
+    for instance in instances:
+        for item in by_owner.get(instance.pk, []):
+            back.set_cached_value(item, instance)  # item.<key> answers without a query
     for instance in instances:
         queryset = getattr(instance, related_name).all()
         queryset._result_cache = by_owner.get(instance.pk, [])
@@ -92,7 +99,9 @@ def _converted(row, converters, connection) -> list:
 def _field_converters(field, connection) -> tuple[list, Col]:
     """What `SQLCompiler.get_converters` applies to a column of `field`: the backend's
     converters, then the field's own (`from_db_value`)."""
-    column = Col(field.model._meta.db_table, field)
+    # `get_col`, not `Col(table, field)`: for a foreign key its output field is the target
+    # (a key to a UUID converts as a UUID on SQLite, as the ORM's does).
+    column = field.get_col(field.model._meta.db_table)
     return connection.ops.get_db_converters(column) + column.get_db_converters(connection), column
 
 

@@ -95,3 +95,19 @@ def test_a_lone_surrogate_decoded_by_another_charset_is_refused(api):
     body = b'{"id": "e1", "customer": "acme", "feature": "api", "quantity": 1, "properties": {"p": "\\ud800"}}'
     response = api.post("/api/v1/events", body, content_type="application/json; charset=unicode_escape")
     assert response.status_code == 400, response.content
+
+
+@pytest.mark.parametrize("size", [16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1])
+@pytest.mark.parametrize("filler", ["x", "\U0001f600", "\n", '"'])
+def test_properties_at_the_size_limit_are_judged_as_the_serializer_judges(size, filler):
+    """The shortcut skips measuring properties only when a bound proves them small: at
+    the limit, with characters that escape to 2, 6 or 12, both must agree."""
+    import json as _json
+
+    base = {"id": "e1", "customer": "acme", "feature": "api", "quantity": "1"}
+    overhead = len(_json.dumps({"p": ""}, separators=(",", ":")))
+    unit = len(_json.dumps(filler)) - 2
+    text = filler * ((size - overhead) // unit) + "x" * ((size - overhead) % unit)
+    item = {**base, "properties": {"p": text}}
+    assert len(_json.dumps(item["properties"], separators=(",", ":"))) == size
+    assert outcome(validated_event, item) == outcome(EventSerializer().run_validation, item)

@@ -10,13 +10,16 @@ import time_machine
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from billing.models import AlertPreference, BillingPeriod, CreditGrant, Customer, Reservation, Subscription
+from billing.models import (
+    AlertPreference, BillingPeriod, CreditGrant, Customer, LedgerEntry, Reservation, ReservationHold, Subscription,
+    UsageEvent, UsageRollup,
+)
 from billing.services import rows
 from billing.services.entitlements import check_entitlement
-from billing.services.ledger import CustomerLedger
+from billing.services.ledger import CustomerLedger, draw_keys
 from billing.services.metering import EventInput, _periods_by_customer, _stored_events, record_events
-from plans.models import Plan
-from tests.factories import FeatureFactory, make_customer, pro_plan, set_tiers, utc
+from plans.models import Feature, FeatureCost, OverageTier, Plan
+from tests.factories import FeatureFactory, make_customer, pro_plan, set_cost, set_tiers, utc
 
 pytestmark = pytest.mark.django_db
 NOW = utc(2026, 5, 10, 9)
@@ -28,17 +31,24 @@ def _values(obj) -> dict:
 
 @pytest.fixture
 def customer():
-    FeatureFactory(code="api", default_credits_per_unit=Decimal("1.5"))
+    feature = FeatureFactory(code="api", default_credits_per_unit=Decimal("1.5"))
     plan = set_tiers(pro_plan(overage_cap=Decimal("12.34")), ("1000", "0.002"), (None, "0.0015"))
+    set_cost(plan, feature, "1.25")
     with time_machine.travel(NOW, tick=False):
         customer = make_customer(plan, started_at=utc(2026, 5, 1), external_id="acme")
+        settled = check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("2"),
+                                    now=NOW, reserve=True)
+        record_events(events=[EventInput(event_id="e-settles", customer="acme", feature="api",
+                                         quantity=Decimal("2"), properties={"model": "x", "n": 1.5},
+                                         reservation_id=str(settled.reservation.pk))], now=NOW)
         check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("3.25"), now=NOW,
                           reserve=True)
         AlertPreference.objects.create(customer=customer, thresholds=[25, 75])
     return customer
 
 
-@pytest.mark.parametrize("model", [Customer, Subscription, BillingPeriod, CreditGrant, Reservation, Plan])
+@pytest.mark.parametrize("model", [Customer, Subscription, BillingPeriod, CreditGrant, Reservation, ReservationHold,
+                                   Plan, OverageTier, Feature, FeatureCost, UsageEvent, UsageRollup, LedgerEntry])
 def test_fetch_builds_what_the_orm_builds(customer, model):
     by_orm = sorted(model.objects.all(), key=lambda obj: str(obj.pk))
     by_hand = sorted(rows.fetch(model, "1 = 1", []), key=lambda obj: str(obj.pk))
@@ -56,7 +66,7 @@ def test_fetch_values_converts_sums_and_json_as_the_orm_does(customer):
         "ON p.customer_id = g.customer_id WHERE g.customer_id = %s GROUP BY p.thresholds",
         [customer.pk], [CreditGrant._meta.get_field("remaining"), AlertPreference._meta.get_field("thresholds")])[0]
 
-    assert total == Decimal("10000") and type(total) is Decimal
+    assert total == Decimal("9997.5") and type(total) is Decimal  # 10 000 less the settled event's 2 × 1.25
     assert thresholds == [25, 75]
 
 
@@ -72,14 +82,39 @@ def test_periods_come_with_their_plans_tiers_read_from_memory(customer):
 
 @time_machine.travel(NOW, tick=False)
 def test_a_ledger_loaded_by_hand_holds_what_the_reservation_holds(customer):
-    reservation = Reservation.objects.get()
+    reservation = Reservation.objects.get(status=Reservation.Status.ACTIVE)
     with transaction.atomic():
         ledger = CustomerLedger.load_many({customer.pk: customer}, {}, now=NOW, since=NOW)[customer.pk]
 
-    assert list(ledger._holds) == [reservation.pk]
+    assert list(ledger._holds) == [reservation.pk]  # not the reservation the event settled
     grants, overage, period_id, expires_at = ledger._holds[reservation.pk]
-    assert grants == {CreditGrant.objects.get().pk: Decimal("4.875")} and overage == Decimal("0")
+    assert grants == {CreditGrant.objects.get().pk: Decimal("4.0625")} and overage == Decimal("0")  # 3.25 × 1.25
     assert (period_id, expires_at) == (reservation.period_id, reservation.expires_at)
+
+
+@pytest.mark.postgres
+def test_keys_for_several_tables_ascend_per_table():
+    with transaction.atomic():
+        events, entries = draw_keys([(UsageEvent, 5), (LedgerEntry, 3)])
+        none, more = draw_keys([(UsageEvent, 0), (UsageEvent, 2)])
+
+    assert len(events) == 5 and events == sorted(events) and len(set(events)) == 5
+    assert len(entries) == 3 and entries == sorted(entries)
+    assert none == [] and more[0] > events[-1]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_flushes_add_to_the_same_rollup_exactly(customer):
+    """Two transactions landing on one (period, feature, day): the second adds to the
+    first's totals (PostgreSQL: the upsert's conflict path, summed in numeric)."""
+    for index, quantity in enumerate(["0.000001", "2.999999"]):
+        record_events(events=[EventInput(event_id=f"r{index}", customer="acme", feature="api",
+                                         quantity=Decimal(quantity))], now=NOW)
+
+    rollup = UsageRollup.objects.get()
+    assert (rollup.events, rollup.quantity, rollup.credits) == (3, Decimal("5.000000"), Decimal("6.250000"))
+    # 2 (settled event) + 0.000001 + 2.999999 units; × 1.25 credits: 2.5 + 0.00000125 → 0.000001, 3.74999875 → 3.749999
+    assert rollup.credits == sum(UsageEvent.objects.values_list("credits", flat=True))
 
 
 @pytest.mark.postgres
