@@ -12,7 +12,7 @@ from functools import partial
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, JSONField, Q
+from django.db.models import JSONField
 from django.db.models.base import ModelState
 from django.utils import timezone
 from psycopg.types.json import Jsonb
@@ -371,7 +371,8 @@ class CustomerLedger:
         """Write everything the ledgers recorded since their last flush, all customers
         together in a handful of bulk statements. New balances are computed here in
         Decimal rather than with F() in SQL, because SQLite does decimal arithmetic in
-        floating point; the customers' locks keep them current."""
+        floating point; the customers' locks keep them current. (Rollups, which several
+        flushes may add to, are added by PostgreSQL in numeric there, in Python on SQLite.)"""
         connection = transaction.get_connection()
         assert connection.in_atomic_block, "flush needs the customers' transaction"
         events = [e for ledger in ledgers for e in ledger._events]

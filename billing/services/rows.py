@@ -51,9 +51,7 @@ def fetch_values(sql: str, params, fields) -> list[tuple]:
     """Rows of any SELECT, each column converted as the ORM converts a value of the
     model field at its position in `fields` (None: taken as it comes)."""
     connection = transaction.get_connection()
-    converters = [(index, _field_converters(field, connection)) for index, field in enumerate(fields)
-                  if field is not None]
-    converters = [(index, convert) for index, convert in converters if convert[0]]
+    converters = _column_converters(tuple(fields), connection)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
@@ -70,16 +68,13 @@ def attach_related(instances, related_name: str, related: list, key: str) -> Non
     by_owner: dict = {}
     for item in related:
         by_owner.setdefault(getattr(item, key), []).append(item)
-    instances = list(instances)
-    if not instances:
-        return
-    back = instances[0]._meta.get_field(related_name).field  # the related model's foreign key
     for instance in instances:
-        for item in by_owner.get(instance.pk, []):
+        owned = by_owner.get(instance.pk, [])
+        back = instance._meta.get_field(related_name).field  # the related model's foreign key
+        for item in owned:
             back.set_cached_value(item, instance)  # item.<key> answers without a query
-    for instance in instances:
         queryset = getattr(instance, related_name).all()
-        queryset._result_cache = by_owner.get(instance.pk, [])
+        queryset._result_cache = owned
         queryset._prefetch_done = True
         if not hasattr(instance, "_prefetched_objects_cache"):
             instance._prefetched_objects_cache = {}
@@ -105,12 +100,26 @@ def _field_converters(field, connection) -> tuple[list, Col]:
     return connection.ops.get_db_converters(column) + column.get_db_converters(connection), column
 
 
-# connection → model → (SELECT … FROM table, converters by column). Per connection: the
+# connection → model or fields → what is worked out once for it. Per connection: the
 # converters are the connection's own bound methods.
 _SHAPES: WeakKeyDictionary = WeakKeyDictionary()
 
 
+def _column_converters(fields: tuple, connection) -> list:
+    """(column index, (converters, column)) for the columns of `fields` that need any
+    (a None field: none)."""
+    shapes = _SHAPES.setdefault(connection, {})
+    converters = shapes.get(fields)
+    if converters is None:
+        converters = shapes[fields] = [
+            (index, convert) for index, convert in
+            ((index, _field_converters(field, connection)) for index, field in enumerate(fields) if field is not None)
+            if convert[0]]
+    return converters
+
+
 def _model_shape(model, connection) -> tuple[str, list]:
+    """(SELECT … FROM table for every concrete field, their converters)."""
     shapes = _SHAPES.setdefault(connection, {})
     shape = shapes.get(model)
     if shape is None:
@@ -118,6 +127,5 @@ def _model_shape(model, connection) -> tuple[str, list]:
         fields = meta.concrete_fields
         select = (f"SELECT {', '.join(f'{quote(meta.db_table)}.{quote(f.column)}' for f in fields)} "
                   f"FROM {quote(meta.db_table)}")
-        converters = [(index, _field_converters(field, connection)) for index, field in enumerate(fields)]
-        shape = shapes[model] = (select, [(index, convert) for index, convert in converters if convert[0]])
+        shape = shapes[model] = (select, _column_converters(tuple(fields), connection))
     return shape
