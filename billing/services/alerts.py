@@ -55,9 +55,9 @@ RUNAWAY_BASELINE = timedelta(hours=24)
 # --- Hook for ingestion ---------------------------------------------------------------
 
 def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], thresholds_crossed: set[int]) -> None:
-    """Queue the alert checks that `events` (just recorded for one customer, inside its
-    transaction) may have earned: a usage check for a period whose included usage
-    crossed one of the customer's thresholds in this batch (`thresholds_crossed`, from
+    """Queue the alert checks that `events` (just recorded for one customer) may have
+    earned: a usage check for a period whose included usage crossed one of the
+    customer's thresholds in this batch (`thresholds_crossed`, from
     `periods_crossing_a_threshold`), whose overage started with these events, or where
     an event was refused at the spend cap; and a runaway check if the period's plan has
     the guard on. A batch that can have earned nothing queues nothing: at thousands of

@@ -197,44 +197,55 @@ class CustomerLedger:
 
     @classmethod
     def load_many(cls, customers: dict[int, Customer], subscriptions: dict[int, Subscription | None], *,
-                  now: datetime, since: datetime) -> dict[int, "CustomerLedger"]:
-        """One ledger per customer, loaded in three queries for all of them (a batch)."""
-        loaded = cls._load(list(customers), now, since)
+                  now: datetime, since: datetime, loaded: dict[int, tuple] | None = None) -> dict[int, "CustomerLedger"]:
+        """One ledger per customer, loaded in three queries for all of them (a batch), or
+        from what `_load(…, reads=…)` read already (`loaded`)."""
+        loaded = loaded if loaded is not None else cls._load(list(customers), now, since)
         return {pk: cls(customer, subscriptions.get(pk), now=now, _loaded=loaded[pk])
                 for pk, customer in customers.items()}
 
     @staticmethod
-    def _load(customer_ids: list[int], now: datetime, since: datetime) -> dict[int, tuple]:
+    def _load(customer_ids: list[int], now: datetime, since: datetime,
+              reads: rows.Together | None = None) -> dict[int, tuple]:
         """customer id → (usable grants in consumption order, grant scopes, active holds).
-        Hand-written SQL (`rows`): this runs for every group of single events."""
+        Hand-written SQL (`rows`): this runs for every group of single events. With
+        `reads`, the queries are queued there and the answer is filled when they run."""
         loaded = {pk: ([], {}, {}) for pk in customer_ids}
-        grants = rows.fetch(
-            CreditGrant,
-            f"customer_id IN ({rows.in_list(customer_ids)}) AND remaining > 0 "
-            "AND (expires_at IS NULL OR expires_at > %s)",
-            [*customer_ids, rows.db_value(CreditGrant, "expires_at", since)],
-            order_by="expires_at IS NULL, expires_at, priority, created_at, id")
-        owner = {}
-        for grant in grants:
-            loaded[grant.customer_id][0].append(grant)
-            owner[grant.pk] = grant.customer_id
-        if owner:
-            through = CreditGrant.features.through._meta.db_table
-            for grant_id, feature_id in rows.fetch_values(
-                    f"SELECT creditgrant_id, feature_id FROM {through} WHERE creditgrant_id IN ({rows.in_list(owner)})",
-                    list(owner), [None, None]):
-                loaded[owner[grant_id]][1].setdefault(grant_id, set()).add(feature_id)
-        # Active holds: reservation → ({grant: credits}, overage credits, period id, expiry).
-        reservations = rows.fetch(
-            Reservation, f"customer_id IN ({rows.in_list(customer_ids)}) AND status = %s AND expires_at > %s",
-            [*customer_ids, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)])
-        if reservations:
-            holds: dict = {r.pk: {} for r in reservations}
-            for hold in ReservationHold.objects.filter(reservation__in=reservations):
-                holds[hold.reservation_id][hold.grant_id] = hold.credits
-            for reservation in reservations:
-                loaded[reservation.customer_id][2][reservation.pk] = (
-                    holds[reservation.pk], reservation.overage_credits, reservation.period_id, reservation.expires_at)
+        queue = reads or rows.Together()
+        usable = (f"customer_id IN ({rows.in_list(customer_ids)}) AND remaining > 0 "
+                  "AND (expires_at IS NULL OR expires_at > %s)")
+        usable_params = [*customer_ids, rows.db_value(CreditGrant, "expires_at", since)]
+        grants = queue.fetch(CreditGrant, usable, usable_params,
+                             order_by="expires_at IS NULL, expires_at, priority, created_at, id")
+        # The scopes of those same grants (a subquery: their ids are not known yet).
+        scopes = queue.values(
+            f"SELECT creditgrant_id, feature_id FROM {CreditGrant.features.through._meta.db_table} "
+            f"WHERE creditgrant_id IN (SELECT id FROM {CreditGrant._meta.db_table} WHERE {usable})",
+            usable_params, [None, None])
+
+        def assemble(reservations):
+            owner = {}
+            for grant in grants:
+                loaded[grant.customer_id][0].append(grant)
+                owner[grant.pk] = grant.customer_id
+            for grant_id, feature_id in scopes:
+                if grant_id in owner:
+                    loaded[owner[grant_id]][1].setdefault(grant_id, set()).add(feature_id)
+            # Active holds: reservation → ({grant: credits}, overage credits, period id, expiry).
+            if reservations:
+                holds: dict = {r.pk: {} for r in reservations}
+                for hold in ReservationHold.objects.filter(reservation__in=reservations):
+                    holds[hold.reservation_id][hold.grant_id] = hold.credits
+                for reservation in reservations:
+                    loaded[reservation.customer_id][2][reservation.pk] = (
+                        holds[reservation.pk], reservation.overage_credits, reservation.period_id,
+                        reservation.expires_at)
+
+        queue.fetch(Reservation, f"customer_id IN ({rows.in_list(customer_ids)}) AND status = %s AND expires_at > %s",
+                    [*customer_ids, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)],
+                    then=assemble)
+        if reads is None:
+            queue.run()
         return loaded
 
     # -- deciding --
@@ -251,10 +262,10 @@ class CustomerLedger:
         return by_grant, overage_by_period
 
     def _usable(self, grant: CreditGrant, feature: Feature, at: datetime) -> bool:
-        scope = self._scopes.get(grant.pk)
+        scope = self._scopes.get(grant.id)
         return (grant.remaining > ZERO and grant.effective_at <= at
                 and (grant.expires_at is None or grant.expires_at > at)
-                and (scope is None or feature.pk in scope))
+                and (scope is None or feature.id in scope))
 
     def plan_charge(self, *, period: BillingPeriod, feature: Feature, credits: Decimal, at: datetime,
                     reservation_id=None, estimate_amount: bool = True) -> ChargePlan:
@@ -262,14 +273,14 @@ class CustomerLedger:
         why not. `reservation_id` is the caller's own active reservation, whose holds
         are available to it. `estimate_amount=False` leaves `estimated_overage_amount`
         at zero (an event needs the decision, not the estimate an answer shows)."""
-        period = self._periods.setdefault(period.pk, period)
+        period = self._periods.setdefault(period.id, period)
         plan = period.plan
         held_by_grant, held_overage = self._held(reservation_id)
         draws, need, available = [], credits, ZERO
         for grant in self._grants:
             if not self._usable(grant, feature, at):
                 continue
-            free = grant.remaining - held_by_grant.get(grant.pk, ZERO)
+            free = grant.remaining - held_by_grant.get(grant.id, ZERO)
             if free <= ZERO:
                 continue
             available += free
@@ -278,7 +289,7 @@ class CustomerLedger:
                 draws.append(Draw(grant, take))
                 need -= take
 
-        committed_overage = period.overage_credits + held_overage.get(period.pk, ZERO)
+        committed_overage = period.overage_credits + held_overage.get(period.id, ZERO)
         result = ChargePlan(period=period, plan=plan, credits=credits, allowed=True, reason=Reason.OK,
                             draws=draws, overage_credits=need, available_credits=available)
 
@@ -339,14 +350,14 @@ class CustomerLedger:
                 grant=draw.grant, period=charge.period, event=event, feature=event.feature,
                 effective_at=event.timestamp))
             draw.grant.remaining -= draw.credits
-            self._dirty_grants[draw.grant.pk] = draw.grant
+            self._dirty_grants[draw.grant.id] = draw.grant
         if charge.overage_credits > ZERO:
             self._entries.append(new_row(
                 LedgerEntry, customer=self.customer, kind=LedgerEntry.Kind.OVERAGE, credits=-charge.overage_credits,
                 period=charge.period, event=event, feature=event.feature, effective_at=event.timestamp))
         charge.period.credits_used += charge.credits
         charge.period.overage_credits += charge.overage_credits
-        rollup = self._rollups.setdefault((charge.period.pk, event.feature_id, event.timestamp.date()),
+        rollup = self._rollups.setdefault((charge.period.id, event.feature_id, event.timestamp.date()),
                                           [0, ZERO, ZERO, ZERO, 0])
         rollup[0] += 1
         rollup[1] += event.quantity

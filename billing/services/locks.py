@@ -20,13 +20,23 @@ def lock_customer(customer_id: int) -> Customer:
     return customer
 
 
-def lock_customers(customer_ids, *, skip_locked: bool = False) -> dict[int, Customer]:
+def lock_customers(customer_ids, *, skip_locked: bool = False, reads: rows.Together | None = None) -> dict[int, Customer]:
     """Lock several customers in primary-key order. With `skip_locked`, customers another
-    transaction holds are left out (not waited for) and missing from the answer."""
+    transaction holds are left out (not waited for) and missing from the answer. With
+    `reads`, the lock is queued there (reads queued after it read under it) and the
+    answer is filled when they run."""
     assert transaction.get_connection().in_atomic_block, "lock_customers needs a transaction"
     ids = sorted(set(customer_ids))
+    locked: dict[int, Customer] = {}
+
+    def taken(customers):
+        locked.update((c.pk, c) for c in customers)
+        customers_changed([c.external_id for c in customers])  # whoever locks may write: cached positions go
+
     # By hand (`rows`): a group of single events takes its customers' locks here.
-    customers = {c.pk: c for c in rows.fetch(Customer, f"id IN ({rows.in_list(ids)})", ids, order_by="id",
-                                             for_update=True, skip_locked=skip_locked)}
-    customers_changed([c.external_id for c in customers.values()])
-    return customers
+    queue = reads or rows.Together()
+    queue.fetch(Customer, f"id IN ({rows.in_list(ids)})", ids, order_by="id", for_update=True,
+                skip_locked=skip_locked, then=taken)
+    if reads is None:
+        queue.run()
+    return locked

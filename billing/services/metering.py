@@ -17,7 +17,6 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 
 from billing.errors import BillingError, Conflict, NotFound
 from billing.models import AutoTopUp, BillingPeriod, Customer, Reservation, Subscription, UsageEvent
@@ -99,10 +98,13 @@ def record_events(*, events: list[EventInput], now: datetime, skip_locked: bool 
     for index, item in enumerate(events):
         by_customer.setdefault(item.customer, []).append(index)
     external_ids, codes = list(by_customer), list({e.feature for e in events})
-    customer_ids = dict(rows.fetch_values(
+    reads = rows.Together()  # both in one round trip
+    found_customers = reads.values(
         f"SELECT external_id, id FROM {Customer._meta.db_table} WHERE external_id IN ({rows.in_list(external_ids)})",
-        external_ids, [None, None]))
-    features = {f.code: f for f in rows.fetch(Feature, f"code IN ({rows.in_list(codes)})", codes)}
+        external_ids, [None, None])
+    found_features = reads.fetch(Feature, f"code IN ({rows.in_list(codes)})", codes)
+    reads.run()
+    customer_ids, features = dict(found_customers), {f.code: f for f in found_features}
     for external_id in set(by_customer) - set(customer_ids):
         for index in by_customer[external_id]:
             results[index] = BatchResult(error=NotFound(f"No customer with external_id {external_id!r}.",
@@ -115,57 +117,89 @@ def record_events(*, events: list[EventInput], now: datetime, skip_locked: bool 
     fingerprints = {index: item.fingerprint() for items in items_by_customer.values() for index, item in items}
     skip_locked = skip_locked and transaction.get_connection().features.has_select_for_update_skip_locked
     try:
-        _record_batch(items_by_customer, features, fingerprints, now, results, skip_locked=skip_locked)
+        follow_ups = _record_batch(items_by_customer, features, fingerprints, now, results, skip_locked=skip_locked)
     except IntegrityError:
         # Only reachable without row locks (SQLite): a concurrent request inserted one
         # of these ids first. Once more, now seeing it as a repeat.
-        _record_batch(items_by_customer, features, fingerprints, now, results)
+        follow_ups = _record_batch(items_by_customer, features, fingerprints, now, results)
+    _enqueue_follow_ups(*follow_ups)
     return results
 
 
 @transaction.atomic
 def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], features: dict[str, Feature],
-                  fingerprints: dict[int, str], now: datetime, results: list, *, skip_locked: bool = False) -> None:
+                  fingerprints: dict[int, str], now: datetime, results: list, *,
+                  skip_locked: bool = False) -> tuple[dict[int, list[UsageEvent]], set[int], set[int]]:
     """Every customer of the batch in one transaction: their locks taken together in
     primary-key order (so two batches never wait on each other in a cycle), their
-    positions loaded in a few queries for all, each event decided in order in memory,
-    and everything written in a few bulk statements."""
-    customers = lock_customers(items_by_customer, skip_locked=skip_locked)
+    positions read with the locks in one round trip (`rows.Together`), each event
+    decided in order in memory, and everything written in a few bulk statements.
+    Returns what `_enqueue_follow_ups` needs: (events recorded by customer, periods
+    that crossed an alert threshold, customers with automatic top-up on)."""
+    customer_pks = sorted(items_by_customer)
+    stamps = {pk: [as_utc(i.timestamp) if i.timestamp else now for _, i in items]
+              for pk, items in items_by_customer.items()}
+    since = min(min(s) for s in stamps.values())
+    reads = rows.Together()
+    customers = lock_customers(customer_pks, skip_locked=skip_locked, reads=reads)  # first: the rest read under it
+    stored_pks = reads.values(*_stored_events_query(
+        [(pk, item.event_id) for pk, items in items_by_customer.items() for _, item in items]), [None])
+    found_subscriptions = reads.fetch(
+        Subscription, f"customer_id IN ({rows.in_list(customer_pks)}) AND status <> %s",
+        [*customer_pks, Subscription.Status.CANCELED], order_by="id")
+    periods = _periods_by_customer(customer_pks, since, reads=reads)
+    loaded = CustomerLedger._load(customer_pks, now, since, reads=reads)
+    costs = reads.values(*_feature_costs_query(
+        f"SELECT plan_id FROM {BillingPeriod._meta.db_table} WHERE customer_id IN ({rows.in_list(customer_pks)}) "
+        'AND "end" > %s', [*customer_pks, rows.db_value(BillingPeriod, "end", since)], features.values()),
+        [None, None, FeatureCost._meta.get_field("credits_per_unit")])
+    with_topup = reads.values(
+        f"SELECT customer_id FROM {AutoTopUp._meta.db_table} WHERE customer_id IN ({rows.in_list(customer_pks)}) "
+        "AND enabled = %s", [*customer_pks, True], [None])
+    reads.run()
+
     if len(customers) < len(items_by_customer):  # only with skip_locked: held by another transaction
         for pk in set(items_by_customer) - set(customers):
             for index, _ in items_by_customer[pk]:
                 results[index] = BatchResult(locked_out=True)
         items_by_customer = {pk: items for pk, items in items_by_customer.items() if pk in customers}
         if not items_by_customer:
-            return
-    stored = _stored_events([(pk, item.event_id) for pk, items in items_by_customer.items() for _, item in items])
+            return {}, set(), set()
+    stored = _stored_events([pk for pk, in stored_pks])
     subscriptions: dict[int, Subscription] = {}
-    customer_pks = list(customers)
-    for subscription in rows.fetch(Subscription, f"customer_id IN ({rows.in_list(customer_pks)}) AND status <> %s",
-                                   [*customer_pks, Subscription.Status.CANCELED], order_by="id"):
+    for subscription in found_subscriptions:
         subscriptions.setdefault(subscription.customer_id, subscription)
-    stamps = {pk: [as_utc(i.timestamp) if i.timestamp else now for _, i in items]
-              for pk, items in items_by_customer.items()}
-    since = min(min(s) for s in stamps.values())
-    periods = _periods_by_customer(list(customers), since)
     plans = {period.plan_id: period.plan for ps in periods.values() for period in ps}
+    costs_read_for = set(plans)
     for subscription in subscriptions.values():
         if subscription.plan_id in plans:  # (else read when needed: a plan changed mid-period)
             subscription.plan = plans[subscription.plan_id]
+    opened_for = []
     for pk, subscription in subscriptions.items():
+        if pk not in customers:
+            continue
         # Never a period that has not started: a plan change made before the boundary
         # must still shape it.
         until = min(max(stamps[pk]), now)
         if not any(p.end > until for p in periods.get(pk, [])) and open_periods(subscription=subscription,
                                                                                  until=until):
-            periods[pk] = _periods_by_customer([pk], since).get(pk, [])
+            opened_for.append(pk)
+    if opened_for:  # read again: new periods, and the grants of their included credits
+        reread = _periods_by_customer(opened_for, since)
+        periods.update((pk, reread.get(pk, [])) for pk in opened_for)
+        loaded.update(CustomerLedger._load(opened_for, now, since))
     reservation_ids = [i.reservation_id for items in items_by_customer.values() for _, i in items if i.reservation_id]
     reservations = {
         (r.customer_id, str(r.pk)): r
         for r in Reservation.objects.filter(customer_id__in=list(customers), pk__in=reservation_ids)
     } if reservation_ids else {}
-    ledgers = CustomerLedger.load_many(customers, subscriptions, now=now, since=since)
-    per_unit = feature_costs({p.plan_id for ps in periods.values() for p in ps}, features.values())
+    ledgers = CustomerLedger.load_many(customers, subscriptions, now=now, since=since, loaded=loaded)
+    per_unit = {(plan_id, feature.pk): feature.default_credits_per_unit
+                for plan_id in costs_read_for for feature in features.values()}
+    per_unit.update(((plan_id, feature_id), credits) for plan_id, feature_id, credits in costs)
+    opened_since = {p.plan_id for ps in periods.values() for p in ps} - costs_read_for
+    if opened_since:  # periods opened just now, on a plan none of the others is on
+        per_unit.update(feature_costs(opened_since, features.values()))
     recorded_by_customer: dict[int, list[UsageEvent]] = {}
     for pk in sorted(items_by_customer):
         recorded_by_customer[pk] = _decide_customer_events(
@@ -174,74 +208,95 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
     included_drawn = {period: credits for ledger in ledgers.values()
                       for period, credits in ledger.included_drawn().items()}
     CustomerLedger.flush_many(list(ledgers.values()))
-    # Follow-ups (alerts, automatic top-up, progressive billing) run after the commit,
-    # in tasks; this only queues those the batch may have made due.
-    thresholds_crossed = periods_crossing_a_threshold(included_drawn)
-    with_topup = {customer_id for customer_id, in rows.fetch_values(
-        f"SELECT customer_id FROM {AutoTopUp._meta.db_table} WHERE customer_id IN ({rows.in_list(customer_pks)}) "
-        "AND enabled = %s", [*customer_pks, True], [None])} if any(recorded_by_customer.values()) else set()
+    # Read under the locks: which included allowances these events took past a threshold.
+    return (recorded_by_customer, periods_crossing_a_threshold(included_drawn),
+            {customer_id for customer_id, in with_topup})
+
+
+def _enqueue_follow_ups(recorded_by_customer: dict[int, list[UsageEvent]], thresholds_crossed: set[int],
+                        topup_on: set[int]) -> None:
+    """Follow-ups (alerts, automatic top-up, progressive billing) run after the commit,
+    in tasks; this only queues those the batch may have made due. Outside the batch's
+    transaction: working them out held every customer's lock a little longer."""
     for pk, recorded in recorded_by_customer.items():
         enqueue_alert_checks(customer_id=pk, events=recorded, thresholds_crossed=thresholds_crossed)
-        _enqueue_billing_follow_ups(pk, recorded, auto_topup=pk in with_topup)
+        _enqueue_billing_follow_ups(pk, recorded, auto_topup=pk in topup_on)
 
 
-def _stored_events(keys: list[tuple[int, str]]) -> dict[tuple[int, str], UsageEvent]:
-    """The events already recorded under these (customer, event id) keys. On PostgreSQL
-    the keys travel as two arrays joined to the unique index, one probe per key: `IN`
-    lists of customers and of ids made PostgreSQL probe every combination (50 customers
-    × 1 000 ids) and psycopg parse 1 000 placeholders. Repeats are rare, so the events
-    found are then loaded by primary key."""
-    connection = transaction.get_connection()
-    if connection.vendor != "postgresql":
-        by_customer: dict[int, list[str]] = {}
-        for customer_id, event_id in keys:
-            by_customer.setdefault(customer_id, []).append(event_id)
-        found = Q()
-        for customer_id, event_ids in by_customer.items():
-            found |= Q(customer_id=customer_id, event_id__in=event_ids)
-        pks = list(UsageEvent.objects.filter(found).values_list("pk", flat=True)) if keys else []
-    else:
-        with connection.cursor() as cursor:
-            # One index probe per key, whatever the table's size: as a plain join,
-            # PostgreSQL hashed the whole table instead (22 ms at 44 000 events and
-            # growing with it); LIMIT keeps the lateral subquery from being flattened.
-            cursor.execute(
-                "SELECT e.id FROM unnest(%s::bigint[], %s::text[]) AS k(customer_id, event_id) "
-                f"CROSS JOIN LATERAL (SELECT id FROM {UsageEvent._meta.db_table} "
+def _stored_events_query(keys: list[tuple[int, str]]) -> tuple[str, list]:
+    """The ids of the events already recorded under these (customer, event id) keys. On
+    PostgreSQL the keys travel as two arrays joined to the unique index, one probe per
+    key: `IN` lists of customers and of ids made PostgreSQL probe every combination (50
+    customers × 1 000 ids) and psycopg parse 1 000 placeholders."""
+    table = UsageEvent._meta.db_table
+    if transaction.get_connection().vendor == "postgresql":
+        # One index probe per key, whatever the table's size: as a plain join,
+        # PostgreSQL hashed the whole table instead (22 ms at 44 000 events and
+        # growing with it); LIMIT keeps the lateral subquery from being flattened.
+        return ("SELECT e.id FROM unnest(%s::bigint[], %s::text[]) AS k(customer_id, event_id) "
+                f"CROSS JOIN LATERAL (SELECT id FROM {table} "
                 "WHERE customer_id = k.customer_id AND event_id = k.event_id LIMIT 1) e",
                 [[customer_id for customer_id, _ in keys], [event_id for _, event_id in keys]])
-            pks = [row[0] for row in cursor.fetchall()]
+    by_customer: dict[int, list[str]] = {}
+    for customer_id, event_id in keys:
+        by_customer.setdefault(customer_id, []).append(event_id)
+    return (f"SELECT id FROM {table} WHERE "
+            + " OR ".join(f"(customer_id = %s AND event_id IN ({rows.in_list(ids)}))" for ids in by_customer.values()),
+            [value for customer_id, ids in by_customer.items() for value in (customer_id, *ids)])
+
+
+def _stored_events(pks: list[int]) -> dict[tuple[int, str], UsageEvent]:
+    """The events found by `_stored_events_query`, by (customer, event id). Repeats are
+    rare: they are loaded by primary key."""
     if not pks:
         return {}
     return {(e.customer_id, e.event_id): e
             for e in UsageEvent.objects.filter(pk__in=pks).select_related("customer", "feature")}
 
 
-def _periods_by_customer(customer_ids: list[int], since: datetime) -> dict[int, list[BillingPeriod]]:
+def _periods_by_customer(customer_ids: list[int], since: datetime,
+                         reads: rows.Together | None = None) -> dict[int, list[BillingPeriod]]:
     """Each customer's periods that end after `since`, newest first, with their plans and
-    the plans' overage tiers."""
+    the plans' overage tiers. With `reads`, queued there and filled when they run."""
     periods: dict[int, list[BillingPeriod]] = {}
-    found = rows.fetch(BillingPeriod, f'customer_id IN ({rows.in_list(customer_ids)}) AND "end" > %s',
-                       [*customer_ids, rows.db_value(BillingPeriod, "end", since)], order_by="start DESC, id")
-    plan_ids = list({period.plan_id for period in found})
-    plans = {plan.pk: plan for plan in rows.fetch(Plan, f"id IN ({rows.in_list(plan_ids)})", plan_ids)}
-    rows.attach_related(plans.values(), "overage_tiers", rows.fetch(
-        OverageTier, f"plan_id IN ({rows.in_list(plan_ids)})", plan_ids, order_by="plan_id, up_to IS NULL, up_to"),
-        key="plan_id")
-    for period in found:
-        period.plan = plans[period.plan_id]
-        periods.setdefault(period.customer_id, []).append(period)
+    queue = reads or rows.Together()
+    where = f'customer_id IN ({rows.in_list(customer_ids)}) AND "end" > %s'
+    params = [*customer_ids, rows.db_value(BillingPeriod, "end", since)]
+    found = queue.fetch(BillingPeriod, where, params, order_by="start DESC, id")
+    # The periods' plans and tiers (subqueries: the plans are not known yet).
+    of_periods = f"SELECT plan_id FROM {BillingPeriod._meta.db_table} WHERE {where}"
+    plans = queue.fetch(Plan, f"id IN ({of_periods})", params)
+
+    def assemble(tiers):
+        by_pk = {plan.pk: plan for plan in plans}
+        rows.attach_related(by_pk.values(), "overage_tiers", tiers, key="plan_id")
+        for period in found:
+            period.plan = by_pk[period.plan_id]
+            periods.setdefault(period.customer_id, []).append(period)
+
+    queue.fetch(OverageTier, f"plan_id IN ({of_periods})", params, order_by="plan_id, up_to IS NULL, up_to",
+                then=assemble)
+    if reads is None:
+        queue.run()
     return periods
+
+
+def _feature_costs_query(plan_ids_sql: str, plan_params: list, features) -> tuple[str, list]:
+    """(plan, feature, credits per unit) of the plans `plan_ids_sql` selects."""
+    feature_ids = [f.pk for f in features]
+    return (f"SELECT plan_id, feature_id, credits_per_unit FROM {FeatureCost._meta.db_table} "
+            f"WHERE plan_id IN ({plan_ids_sql}) AND feature_id IN ({rows.in_list(feature_ids)})",
+            [*plan_params, *feature_ids])
 
 
 def feature_costs(plan_ids: set[int], features) -> dict[tuple[int, int], Decimal]:
     """(plan, feature) → credits per unit: the plan's cost, else the feature's default."""
+    features = list(features)
     costs = {(plan_id, feature.pk): feature.default_credits_per_unit for plan_id in plan_ids for feature in features}
-    plan_ids, feature_ids = list(plan_ids), [f.pk for f in features]
+    plan_ids = list(plan_ids)
     for plan_id, feature_id, credits in rows.fetch_values(
-            f"SELECT plan_id, feature_id, credits_per_unit FROM {FeatureCost._meta.db_table} "
-            f"WHERE plan_id IN ({rows.in_list(plan_ids)}) AND feature_id IN ({rows.in_list(feature_ids)})",
-            [*plan_ids, *feature_ids], [None, None, FeatureCost._meta.get_field("credits_per_unit")]):
+            *_feature_costs_query(rows.in_list(plan_ids), plan_ids, features),
+            [None, None, FeatureCost._meta.get_field("credits_per_unit")]):
         costs[(plan_id, feature_id)] = credits
     return costs
 
@@ -255,10 +310,11 @@ def _decide_customer_events(customer: Customer, subscription: Subscription | Non
     skew = timedelta(seconds=settings.OVERAGE_CLOCK_SKEW_SECONDS)
     grace = timedelta(seconds=settings.OVERAGE_PERIOD_GRACE_SECONDS)
     settled_here: set = set()
+    customer_pk = customer.id  # (`.pk` is a property: this loop runs for every event)
     recorded = []
     for (index, item), timestamp in zip(items, stamps):
         fingerprint = fingerprints[index]
-        prior = stored.get((customer.pk, item.event_id))
+        prior = stored.get((customer_pk, item.event_id))
         if prior is not None:
             if prior.fingerprint != fingerprint:
                 results[index] = BatchResult(error=Conflict(
@@ -288,7 +344,7 @@ def _decide_customer_events(customer: Customer, subscription: Subscription | Non
                                    field="timestamp")
             reservation = None
             if item.reservation_id:
-                reservation = reservations.get((customer.pk, str(item.reservation_id)))
+                reservation = reservations.get((customer_pk, str(item.reservation_id)))
                 if reservation is None:
                     raise NotFound("No such reservation for this customer.", code="reservation_not_found",
                                    field="reservation_id", status=422)
@@ -302,7 +358,7 @@ def _decide_customer_events(customer: Customer, subscription: Subscription | Non
             results[index] = BatchResult(error=error)
             continue
 
-        credits = quantize_credits(item.quantity * per_unit[(period.plan_id, feature.pk)])
+        credits = quantize_credits(item.quantity * per_unit[(period.plan_id, feature.id)])
         holding = reservation is not None and reservation.is_holding(now)
         charge = ledger.plan_charge(period=period, feature=feature, credits=credits, at=timestamp,
                                     reservation_id=reservation.pk if holding else None, estimate_amount=False)
@@ -316,7 +372,7 @@ def _decide_customer_events(customer: Customer, subscription: Subscription | Non
         ledger.record(usage, charge)
         if reservation is not None:
             settled_here.add(reservation.pk)
-        stored[(customer.pk, item.event_id)] = usage  # a repeat later in the same batch is a repeat
+        stored[(customer_pk, item.event_id)] = usage  # a repeat later in the same batch is a repeat
         results[index] = BatchResult(event=usage, created=True)
         recorded.append(usage)
     return recorded

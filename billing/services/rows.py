@@ -32,32 +32,89 @@ def fetch(model, where: str, params, *, order_by: str = "", for_update: bool = F
     """`model` instances (all concrete fields) for `SELECT … FROM <table> WHERE <where>`,
     optionally `ORDER BY` and locked `FOR UPDATE` (where the database can: not SQLite,
     whose transactions lock the whole file)."""
-    connection = transaction.get_connection()
-    select, converters = _model_shape(model, connection)
-    sql = f"{select} WHERE {where}"
-    if order_by:
-        sql += f" ORDER BY {order_by}"
-    if for_update and connection.features.has_select_for_update:
-        sql += " " + connection.ops.for_update_sql(skip_locked=skip_locked)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    alias = connection.alias
-    return [model.from_db(alias, None, _converted(row, converters, connection) if converters else row)
-            for row in rows]
+    reads = Together()
+    found = reads.fetch(model, where, params, order_by=order_by, for_update=for_update, skip_locked=skip_locked)
+    reads.run()
+    return found
 
 
 def fetch_values(sql: str, params, fields) -> list[tuple]:
     """Rows of any SELECT, each column converted as the ORM converts a value of the
     model field at its position in `fields` (None: taken as it comes)."""
-    connection = transaction.get_connection()
-    converters = _column_converters(tuple(fields), connection)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    if not converters:
-        return rows
-    return [_converted(row, converters, connection) for row in rows]
+    reads = Together()
+    found = reads.values(sql, params, fields)
+    reads.run()
+    return found
+
+
+class Together:
+    """Reads queued, then sent together by `run()`: on PostgreSQL in one round trip
+    (psycopg's pipeline mode), elsewhere one after another. A group of single events
+    read ~12 things under its customers' locks; each was a round trip of its own, a
+    third of the group's time. The statements run in the order queued, each seeing
+    what the ones before it did (a read queued after a lock reads under it).
+
+    `fetch` and `values` return an empty list at once, filled by `run()`; `then`
+    is called with the rows once all have arrived (and may query again)."""
+
+    def __init__(self):
+        self._queued: list[tuple[str, list, object, list, object]] = []
+
+    def fetch(self, model, where: str, params, *, order_by: str = "", for_update: bool = False,
+              skip_locked: bool = False, then=None) -> list:
+        connection = transaction.get_connection()
+        select, converters = _model_shape(model, connection)
+        sql = f"{select} WHERE {where}"
+        if order_by:
+            sql += f" ORDER BY {order_by}"
+        if for_update and connection.features.has_select_for_update:
+            sql += " " + connection.ops.for_update_sql(skip_locked=skip_locked)
+        alias = connection.alias
+
+        def build(row):
+            return model.from_db(alias, None, _converted(row, converters, connection) if converters else row)
+
+        found: list = []
+        self._queued.append((sql, list(params), build, found, then))
+        return found
+
+    def values(self, sql: str, params, fields, *, then=None) -> list:
+        connection = transaction.get_connection()
+        converters = _column_converters(tuple(fields), connection)
+        build = (lambda row: tuple(_converted(row, converters, connection))) if converters else None
+        found: list = []
+        self._queued.append((sql, list(params), build, found, then))
+        return found
+
+    def run(self) -> None:
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        connection = transaction.get_connection()
+        if connection.vendor == "postgresql" and len(queued) > 1:
+            connection.ensure_connection()
+            cursors = []
+            try:
+                with connection.wrap_database_errors, connection.connection.pipeline():
+                    for sql, params, _, _, _ in queued:
+                        cursor = connection.cursor()
+                        cursors.append(cursor)
+                        cursor.execute(sql, params)
+                results = [cursor.fetchall() for cursor in cursors]
+            finally:
+                for cursor in cursors:
+                    cursor.close()
+        else:
+            results = []
+            for sql, params, _, _, _ in queued:
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, params)
+                    results.append(cursor.fetchall())
+        for (_, _, build, found, _), result in zip(queued, results):
+            found.extend(map(build, result) if build else result)
+        for _, _, _, found, then in queued:
+            if then is not None:
+                then(found)
 
 
 def attach_related(instances, related_name: str, related: list, key: str) -> None:

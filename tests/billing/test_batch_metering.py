@@ -89,3 +89,22 @@ def test_a_full_batch_for_one_customer_costs_a_bounded_number_of_statements():
     # chunks by its variable limit; PostgreSQL needs about 20).
     assert len(queries) < 100, [q["sql"][:80] for q in queries]
     assert_ledger_consistent()
+
+
+def test_a_batch_that_opens_the_next_period_pays_from_its_included_credits():
+    """The period an event falls in may be opened by the batch itself (no close ran yet):
+    its included credits are granted then and must pay, not overage."""
+    plan = pro_plan()
+    make_customer(plan, started_at=utc(2026, 5, 1), external_id="acme")
+    june = utc(2026, 6, 1, 0, 30)  # May's late events are still taken (grace)
+    # May's allowance is all used: what follows is overage in May.
+    results = record_events(events=[ev("may", str(plan.included_credits), timestamp=utc(2026, 5, 20)),
+                                    ev("may-over", "3", timestamp=utc(2026, 5, 21)),
+                                    ev("june", "7", timestamp=utc(2026, 6, 1, 0, 10))], now=june)
+
+    may_over, in_june = results[1].event, results[2].event
+    assert (may_over.overage_credits, may_over.period.start) == (Decimal("3.000000"), utc(2026, 5, 1))
+    assert (in_june.status, in_june.overage_credits, in_june.period.start) == ("accepted", Decimal("0"),
+                                                                               utc(2026, 6, 1))
+    assert in_june.period.credits_used == Decimal("7.000000")
+    assert_ledger_consistent()

@@ -17,7 +17,8 @@ from billing.models import (
 from billing.services import rows
 from billing.services.entitlements import check_entitlement
 from billing.services.ledger import CustomerLedger, draw_keys
-from billing.services.metering import EventInput, _periods_by_customer, _stored_events, record_events
+from billing.services.metering import (EventInput, _periods_by_customer, _stored_events, _stored_events_query,
+                                       record_events)
 from plans.models import Feature, FeatureCost, OverageTier, Plan
 from tests.factories import FeatureFactory, make_customer, pro_plan, set_cost, set_tiers, utc
 
@@ -129,7 +130,7 @@ def test_looking_up_stored_event_ids_probes_the_index_whatever_the_table_size(cu
     keys = [(customer.pk, f"new-{i}") for i in range(1000)] + [(customer.pk, "e7")]
 
     with CaptureQueriesContext(connection) as queries:
-        found = _stored_events(keys)
+        found = _stored_events([pk for pk, in rows.fetch_values(*_stored_events_query(keys), [None])])
     assert [event_id for _, event_id in found] == ["e7"]
 
     lookup = next(q["sql"] for q in queries if "unnest" in q["sql"])
@@ -137,3 +138,57 @@ def test_looking_up_stored_event_ids_probes_the_index_whatever_the_table_size(cu
         cursor.execute("EXPLAIN " + lookup)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "Seq Scan on billing_usageevent" not in plan and "unique_event_id_per_customer" in plan
+
+
+@time_machine.travel(NOW, tick=False)
+def test_stored_events_are_found_by_customer_and_id_on_every_database(customer):
+    """The same event id under another customer is another event."""
+    other = make_customer(Plan.objects.get(), started_at=utc(2026, 5, 1), external_id="other")
+    record_events(events=[EventInput(event_id=f"e{i}", customer="acme", feature="api", quantity=Decimal("1"))
+                          for i in range(3)] + [EventInput(event_id="x", customer="other", feature="api",
+                                                           quantity=Decimal("1"))], now=NOW)
+    keys = [(customer.pk, "e1"), (customer.pk, "x"), (other.pk, "x"), (other.pk, "e1"), (customer.pk, "nope")]
+
+    found = _stored_events([pk for pk, in rows.fetch_values(*_stored_events_query(keys), [None])])
+
+    assert sorted(found) == [(customer.pk, "e1"), (other.pk, "x")]
+    assert found[(other.pk, "x")].customer == other
+
+
+
+def test_reads_sent_together_answer_as_each_alone(customer):
+    """`rows.Together` (PostgreSQL: one round trip in pipeline mode) gives every read what
+    it gives run alone, models and converted values, and calls `then` once all are in."""
+    reads = rows.Together()
+    grants = reads.fetch(CreditGrant, "customer_id = %s", [customer.pk], order_by="id")
+    sums = reads.values("SELECT SUM(remaining) FROM billing_creditgrant WHERE customer_id = %s", [customer.pk],
+                        [CreditGrant._meta.get_field("remaining")])
+    seen = []
+    events = reads.fetch(UsageEvent, "customer_id = %s", [customer.pk],
+                         then=lambda found: seen.append((len(grants), len(sums), len(found))))
+    assert (grants, sums, events, seen) == ([], [], [], [])
+
+    reads.run()
+
+    assert [_values(g) for g in grants] == [_values(g) for g in rows.fetch(CreditGrant, "customer_id = %s",
+                                                                           [customer.pk], order_by="id")]
+    assert sums == [(Decimal("9997.5"),)] and type(sums[0][0]) is Decimal
+    assert [e.event_id for e in events] == ["e-settles"]
+    assert seen == [(1, 1, 1)]
+
+
+@pytest.mark.postgres
+def test_a_failing_read_among_reads_sent_together_fails_the_transaction_cleanly(customer):
+    """An error in any read of a pipeline surfaces as Django's database error, inside the
+    caller's transaction, which rolls back; the connection serves the next request."""
+    from django.db import DatabaseError
+
+    with pytest.raises(DatabaseError):
+        with transaction.atomic():
+            reads = rows.Together()
+            locked = reads.fetch(Customer, "id = %s", [customer.pk], for_update=True)
+            reads.values("SELECT 1 / 0", [], [None])
+            reads.run()
+    assert locked == []
+    assert connection.is_usable()
+    assert [c.external_id for c in rows.fetch(Customer, "id = %s", [customer.pk])] == ["acme"]
