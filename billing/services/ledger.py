@@ -378,17 +378,18 @@ class CustomerLedger:
         self.flush_many([self])
 
     @staticmethod
-    def flush_many(ledgers: list["CustomerLedger"]) -> None:
+    def flush_many(ledgers: list["CustomerLedger"], keys: list[list[int]] | None = None) -> None:
         """Write everything the ledgers recorded since their last flush, all customers
         together in a handful of bulk statements. New balances are computed here in
         Decimal rather than with F() in SQL, because SQLite does decimal arithmetic in
         floating point; the customers' locks keep them current. (Rollups, which several
-        flushes may add to, are added by PostgreSQL in numeric there, in Python on SQLite.)"""
+        flushes may add to, are added by PostgreSQL in numeric there, in Python on SQLite.)
+        `keys`: [event keys, entry keys] drawn beforehand (`draw_keys`) to use first."""
         connection = transaction.get_connection()
         assert connection.in_atomic_block, "flush needs the customers' transaction"
         events = [e for ledger in ledgers for e in ledger._events]
         entries = [e for ledger in ledgers for e in ledger._entries]
-        keys = draw_keys([(UsageEvent, len(events)), (LedgerEntry, len(entries))])
+        keys = _enough_keys([(UsageEvent, events), (LedgerEntry, entries)], keys)
         bulk_insert(UsageEvent, events, keys=keys and keys[0])
         bulk_insert(LedgerEntry, entries, keys=keys and keys[1])
         grants = [g for ledger in ledgers for g in ledger._dirty_grants.values()]
@@ -473,11 +474,23 @@ def execute_together(statements: list[tuple[str, list] | None]) -> None:
         cursor.execute(sql, [value for _, params in statements for value in params])
 
 
-def draw_keys(counts: list[tuple]) -> list[list[int]] | None:
+def _enough_keys(tables: list[tuple], drawn: list[list[int]] | None) -> list[list[int]] | None:
+    """One key per object for each (model, objects): those `drawn` beforehand first, the
+    rest drawn now (they come after, so each table's keys still ascend)."""
+    drawn = drawn or [[] for _ in tables]
+    more = draw_keys([(model, max(0, len(objects) - len(have))) for (model, objects), have in zip(tables, drawn)])
+    if more is None:
+        return None
+    return [have[:len(objects)] + extra for (_, objects), have, extra in zip(tables, drawn, more)]
+
+
+def draw_keys(counts: list[tuple], reads: rows.Together | None = None) -> list[list[int]] | None:
     """PostgreSQL: primary keys for (model, how many) from each model's sequence, in one
     query, ascending per model; None elsewhere (bulk_create gets them). Each sequence is
     named once (a MATERIALIZED CTE, or PostgreSQL inlines it and looks the sequence up
-    for every key: 3 of every 3.5 ms of 1 000 keys)."""
+    for every key: 3 of every 3.5 ms of 1 000 keys). With `reads`, the query is queued
+    there and the lists are filled when it runs (keys drawn and not used leave gaps, as
+    a rolled-back insert does)."""
     connection = transaction.get_connection()
     if connection.vendor != "postgresql":
         return None
@@ -490,10 +503,15 @@ def draw_keys(counts: list[tuple]) -> list[list[int]] | None:
     draws = " UNION ALL ".join(f"(SELECT {index}, nextval(s{index}.seq) FROM s{index}, generate_series(1, %s))"
                                for index, _, _ in wanted) + " ORDER BY 1, 2"
     params = [value for _, model, _ in wanted for value in (model._meta.db_table, model._meta.pk.column)]
-    with connection.cursor() as cursor:
-        cursor.execute(f"WITH {sequences} {draws}", params + [count for _, _, count in wanted])
-        for index, key in cursor.fetchall():
+
+    def deal(drawn):
+        for index, key in drawn:
             keys[index].append(key)
+
+    queue = reads or rows.Together()
+    queue.values(f"WITH {sequences} {draws}", params + [count for _, _, count in wanted], [None, None], then=deal)
+    if reads is None:
+        queue.run()
     return keys
 
 

@@ -19,12 +19,12 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from billing.errors import BillingError, Conflict, NotFound
-from billing.models import AutoTopUp, BillingPeriod, Customer, Reservation, Subscription, UsageEvent
+from billing.models import AutoTopUp, BillingPeriod, Customer, LedgerEntry, Reservation, Subscription, UsageEvent
 from billing.periods import as_utc
 from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_threshold
 from billing.services.customers import open_periods
 from billing.services import rows
-from billing.services.ledger import CustomerLedger, new_row
+from billing.services.ledger import CustomerLedger, draw_keys, new_row
 from billing.services.locks import lock_customers
 from billing.services.commit_hooks import enqueue
 from plans.models import Feature, FeatureCost, OverageTier, Plan
@@ -103,6 +103,9 @@ def record_events(*, events: list[EventInput], now: datetime, skip_locked: bool 
         f"SELECT external_id, id FROM {Customer._meta.db_table} WHERE external_id IN ({rows.in_list(external_ids)})",
         external_ids, [None, None])
     found_features = reads.fetch(Feature, f"code IN ({rows.in_list(codes)})", codes)
+    # Keys for the rows the batch will most likely write (an event and one entry each),
+    # drawn now rather than under the customers' locks.
+    keys = draw_keys([(UsageEvent, len(events)), (LedgerEntry, len(events))], reads=reads)
     reads.run()
     customer_ids, features = dict(found_customers), {f.code: f for f in found_features}
     for external_id in set(by_customer) - set(customer_ids):
@@ -117,18 +120,19 @@ def record_events(*, events: list[EventInput], now: datetime, skip_locked: bool 
     fingerprints = {index: item.fingerprint() for items in items_by_customer.values() for index, item in items}
     skip_locked = skip_locked and transaction.get_connection().features.has_select_for_update_skip_locked
     try:
-        follow_ups = _record_batch(items_by_customer, features, fingerprints, now, results, skip_locked=skip_locked)
+        follow_ups = _record_batch(items_by_customer, features, fingerprints, now, results, keys,
+                                   skip_locked=skip_locked)
     except IntegrityError:
         # Only reachable without row locks (SQLite): a concurrent request inserted one
         # of these ids first. Once more, now seeing it as a repeat.
-        follow_ups = _record_batch(items_by_customer, features, fingerprints, now, results)
+        follow_ups = _record_batch(items_by_customer, features, fingerprints, now, results, keys)
     _enqueue_follow_ups(*follow_ups)
     return results
 
 
 @transaction.atomic
 def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], features: dict[str, Feature],
-                  fingerprints: dict[int, str], now: datetime, results: list, *,
+                  fingerprints: dict[int, str], now: datetime, results: list, keys: list[list[int]] | None, *,
                   skip_locked: bool = False) -> tuple[dict[int, list[UsageEvent]], set[int], set[int]]:
     """Every customer of the batch in one transaction: their locks taken together in
     primary-key order (so two batches never wait on each other in a cycle), their
@@ -207,7 +211,7 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
             reservations, ledgers[pk], stored, features, per_unit, fingerprints, now, results)
     included_drawn = {period: credits for ledger in ledgers.values()
                       for period, credits in ledger.included_drawn().items()}
-    CustomerLedger.flush_many(list(ledgers.values()))
+    CustomerLedger.flush_many(list(ledgers.values()), keys)
     # Read under the locks: which included allowances these events took past a threshold.
     return (recorded_by_customer, periods_crossing_a_threshold(included_drawn),
             {customer_id for customer_id, in with_topup})

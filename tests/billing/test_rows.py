@@ -192,3 +192,23 @@ def test_a_failing_read_among_reads_sent_together_fails_the_transaction_cleanly(
     assert locked == []
     assert connection.is_usable()
     assert [c.external_id for c in rows.fetch(Customer, "id = %s", [customer.pk])] == ["acme"]
+
+
+@pytest.mark.postgres
+@time_machine.travel(NOW, tick=False)
+def test_a_batch_uses_the_keys_drawn_before_its_transaction_and_draws_what_it_lacks(customer):
+    """Keys are drawn with the customer lookup, before the locks: one per event and one
+    entry each. An event that draws from two grants needs one more, drawn under the
+    lock after the others, so each table's keys still ascend in the batch's order."""
+    # 9 997.5 credits left, 4.0625 of them held by the open reservation: 7 994.75 units at 1.25.
+    results = record_events(events=[EventInput(event_id=f"k{i}", customer="acme", feature="api", quantity=quantity)
+                                    for i, quantity in enumerate([Decimal("7000"), Decimal("1000"), Decimal("1")])],
+                            now=NOW)
+
+    events = [r.event for r in results]
+    entries = list(LedgerEntry.objects.filter(event__in=events).order_by("id"))
+    assert [e.pk for e in events] == sorted(e.pk for e in events)
+    # The second event crosses into overage: a consume entry and an overage entry.
+    assert [(e.event_id, e.kind, e.credits) for e in entries] == [
+        (events[0].pk, "consume", Decimal("-8750.000000")), (events[1].pk, "consume", Decimal("-1243.437500")),
+        (events[1].pk, "overage", Decimal("-6.562500")), (events[2].pk, "overage", Decimal("-1.250000"))]
