@@ -362,10 +362,14 @@ async def open_loop(name: str, *, base: str, api_key: str, path: str, rate: floa
     return phase
 
 
-def event(run: str, kind: str, worker: int, seq: int, index: int, customers: int) -> dict:
+def event(run: str, kind: str, worker: int, seq: int, index: int, customers: int, shards: int = 1) -> dict:
+    """One event; with `shards` > 1, client `worker` sends only for its own share of the
+    customers (every `shards`-th), so concurrent batches never wait on each other's locks."""
+    spread = seq * 7919 + index + worker
     return {
         "id": f"{run}-{kind}-{worker}-{seq}-{index}",
-        "customer": customer_id((seq * 7919 + index + worker) % customers),
+        "customer": customer_id(spread % customers if shards == 1
+                                else worker % shards + shards * (spread % (customers // shards))),
         "feature": FEATURE,
         "quantity": "1",
         "properties": PROPERTIES,
@@ -522,6 +526,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=1000,
                         help="events per batch request (the API's maximum, 1 000, by default)")
     parser.add_argument("--batch-clients", type=int, default=2)
+    parser.add_argument("--disjoint-batches", action="store_true",
+                        help="each batch client sends for its own share of the customers (sharded streams), "
+                             "instead of all of them (default: every batch touches every customer)")
     parser.add_argument("--batch-seconds", type=float, default=15)
     parser.add_argument("--batch-max-requests", type=int, default=200)
     parser.add_argument("--full-batch-probe", type=int, default=1000, metavar="EVENTS",
@@ -606,6 +613,8 @@ def main() -> int:
             result.server_cpu = cpu_used(before, cpu_snapshot(to), result.elapsed)
             return result
 
+        shards = args.batch_clients if args.disjoint_batches else 1
+
         async def measure() -> None:
             # Warm-up (not measured): every worker opens its database connection and
             # imports its code paths.
@@ -622,7 +631,7 @@ def main() -> int:
             phases["batch"] = await phase(
                 "batch", path="/api/v1/events/batch", concurrency=args.batch_clients, seconds=args.batch_seconds,
                 max_requests=args.batch_max_requests, timeout=120,
-                make_body=lambda w, s: {"events": [event(run, "b", w, s, i, args.customers)
+                make_body=lambda w, s: {"events": [event(run, "b", w, s, i, args.customers, shards)
                                                    for i in range(args.batch_size)]},
                 check=check_batch(args.batch_size))
             # Single events go where production routes them: the check server (its event
@@ -669,7 +678,7 @@ def main() -> int:
                 phases["soak"] = await phase(
                     "soak", path="/api/v1/events/batch", concurrency=args.batch_clients, seconds=args.soak_seconds,
                     max_requests=10**6, timeout=120,
-                    make_body=lambda w, s: {"events": [event(run, "k", w, s, i, args.customers)
+                    make_body=lambda w, s: {"events": [event(run, "k", w, s, i, args.customers, shards)
                                                        for i in range(args.batch_size)]},
                     check=check_batch(args.batch_size))
                 sampler.cancel()
@@ -850,7 +859,9 @@ def main() -> int:
           f"load average at start {load_at_start[0]:.2f}")
     print_table(rows)
     print()
-    print(f"batch: {args.batch_clients} clients, {batch.elapsed:.1f} s, {batch.items} events; "
+    print(f"batch: {args.batch_clients} clients"
+          f"{' on disjoint customers' if args.disjoint_batches else ' over the same customers'}, "
+          f"{batch.elapsed:.1f} s, {batch.items} events; "
           f"single: {args.single_clients} clients, {single.elapsed:.1f} s, to the "
           f"{'check server' if args.single_server == 'asgi' else 'threaded workers'}; "
           f"check: {args.check_clients} clients, {check.elapsed:.1f} s; "
@@ -878,6 +889,7 @@ def main() -> int:
             else None,
             "group_commit": True,
             "gunicorn_timeout_s": 30, "batch_size": args.batch_size, "batch_clients": args.batch_clients,
+            "batch_customers": "disjoint" if args.disjoint_batches else "shared",
             "batch_seconds": args.batch_seconds, "full_batch_probe_events": args.full_batch_probe,
             "single_clients": args.single_clients, "single_seconds": args.single_seconds,
             "single_server": args.single_server, "single_rate": args.single_rate,
