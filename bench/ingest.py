@@ -929,7 +929,8 @@ def main() -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    shown = args.output.relative_to(ROOT) if args.output.resolve().is_relative_to(ROOT) else args.output
+    written = args.output.resolve()
+    shown = written.relative_to(ROOT) if written.is_relative_to(ROOT) else written
     print(f"wrote {shown}", flush=True)
     if failures:
         if gunicorn_log:
