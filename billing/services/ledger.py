@@ -211,17 +211,9 @@ class CustomerLedger:
         Hand-written SQL (`rows`): this runs for every group of single events. With
         `reads`, the queries are queued there and the answer is filled when they run."""
         loaded = {pk: ([], {}, {}) for pk in customer_ids}
-        queue = reads or rows.Together()
         usable = (f"customer_id IN ({rows.in_list(customer_ids)}) AND remaining > 0 "
                   "AND (expires_at IS NULL OR expires_at > %s)")
         usable_params = [*customer_ids, rows.db_value(CreditGrant, "expires_at", since)]
-        grants = queue.fetch(CreditGrant, usable, usable_params,
-                             order_by="expires_at IS NULL, expires_at, priority, created_at, id")
-        # The scopes of those same grants (a subquery: their ids are not known yet).
-        scopes = queue.values(
-            f"SELECT creditgrant_id, feature_id FROM {CreditGrant.features.through._meta.db_table} "
-            f"WHERE creditgrant_id IN (SELECT id FROM {CreditGrant._meta.db_table} WHERE {usable})",
-            usable_params, [None, None])
 
         def assemble(reservations):
             owner = {}
@@ -241,11 +233,18 @@ class CustomerLedger:
                         holds[reservation.pk], reservation.overage_credits, reservation.period_id,
                         reservation.expires_at)
 
-        queue.fetch(Reservation, f"customer_id IN ({rows.in_list(customer_ids)}) AND status = %s AND expires_at > %s",
-                    [*customer_ids, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)],
-                    then=assemble)
-        if reads is None:
-            queue.run()
+        with rows.queued(reads) as queue:
+            grants = queue.fetch(CreditGrant, usable, usable_params,
+                                 order_by="expires_at IS NULL, expires_at, priority, created_at, id")
+            # The scopes of those same grants (a subquery: their ids are not known yet).
+            scopes = queue.values(
+                f"SELECT creditgrant_id, feature_id FROM {CreditGrant.features.through._meta.db_table} "
+                f"WHERE creditgrant_id IN (SELECT id FROM {CreditGrant._meta.db_table} WHERE {usable})",
+                usable_params, [None, None])
+            queue.fetch(Reservation,
+                        f"customer_id IN ({rows.in_list(customer_ids)}) AND status = %s AND expires_at > %s",
+                        [*customer_ids, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)],
+                        then=assemble)
         return loaded
 
     # -- deciding --
@@ -508,10 +507,8 @@ def draw_keys(counts: list[tuple], reads: rows.Together | None = None) -> list[l
         for index, key in drawn:
             keys[index].append(key)
 
-    queue = reads or rows.Together()
-    queue.values(f"WITH {sequences} {draws}", params + [count for _, _, count in wanted], [None, None], then=deal)
-    if reads is None:
-        queue.run()
+    with rows.queued(reads) as queue:
+        queue.values(f"WITH {sequences} {draws}", params + [count for _, _, count in wanted], [None, None], then=deal)
     return keys
 
 

@@ -34,9 +34,7 @@ def lock_customers(customer_ids, *, skip_locked: bool = False, reads: rows.Toget
         customers_changed([c.external_id for c in customers])  # whoever locks may write: cached positions go
 
     # By hand (`rows`): a group of single events takes its customers' locks here.
-    queue = reads or rows.Together()
-    queue.fetch(Customer, f"id IN ({rows.in_list(ids)})", ids, order_by="id", for_update=True,
-                skip_locked=skip_locked, then=taken)
-    if reads is None:
-        queue.run()
+    with rows.queued(reads) as queue:
+        queue.fetch(Customer, f"id IN ({rows.in_list(ids)})", ids, order_by="id", for_update=True,
+                    skip_locked=skip_locked, then=taken)
     return locked

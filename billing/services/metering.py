@@ -153,10 +153,10 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
         [*customer_pks, Subscription.Status.CANCELED], order_by="id")
     periods = _periods_by_customer(customer_pks, since, reads=reads)
     loaded = CustomerLedger._load(customer_pks, now, since, reads=reads)
-    costs = reads.values(*_feature_costs_query(
-        f"SELECT plan_id FROM {BillingPeriod._meta.db_table} WHERE customer_id IN ({rows.in_list(customer_pks)}) "
-        'AND "end" > %s', [*customer_pks, rows.db_value(BillingPeriod, "end", since)], features.values()),
-        [None, None, FeatureCost._meta.get_field("credits_per_unit")])
+    charged_where, charged_params = _periods_ending_after(customer_pks, since)
+    costs = reads.values(*_feature_costs_query(f"SELECT plan_id FROM {BillingPeriod._meta.db_table} "
+                                               f"WHERE {charged_where}", charged_params, features.values()),
+                         _CREDITS_PER_UNIT)
     with_topup = reads.values(
         f"SELECT customer_id FROM {AutoTopUp._meta.db_table} WHERE customer_id IN ({rows.in_list(customer_pks)}) "
         "AND enabled = %s", [*customer_pks, True], [None])
@@ -198,9 +198,7 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
         for r in Reservation.objects.filter(customer_id__in=list(customers), pk__in=reservation_ids)
     } if reservation_ids else {}
     ledgers = CustomerLedger.load_many(customers, subscriptions, now=now, since=since, loaded=loaded)
-    per_unit = {(plan_id, feature.pk): feature.default_credits_per_unit
-                for plan_id in costs_read_for for feature in features.values()}
-    per_unit.update(((plan_id, feature_id), credits) for plan_id, feature_id, credits in costs)
+    per_unit = _costs_by_plan(costs_read_for, features.values(), costs)
     opened_since = {p.plan_id for ps in periods.values() for p in ps} - costs_read_for
     if opened_since:  # periods opened just now, on a plan none of the others is on
         per_unit.update(feature_costs(opened_since, features.values()))
@@ -258,18 +256,21 @@ def _stored_events(pks: list[int]) -> dict[tuple[int, str], UsageEvent]:
             for e in UsageEvent.objects.filter(pk__in=pks).select_related("customer", "feature")}
 
 
+def _periods_ending_after(customer_ids: list[int], since: datetime) -> tuple[str, list]:
+    """The periods a batch can charge: its customers' that end after `since` (a WHERE
+    clause on the period table and its parameters)."""
+    return (f'customer_id IN ({rows.in_list(customer_ids)}) AND "end" > %s',
+            [*customer_ids, rows.db_value(BillingPeriod, "end", since)])
+
+
 def _periods_by_customer(customer_ids: list[int], since: datetime,
                          reads: rows.Together | None = None) -> dict[int, list[BillingPeriod]]:
     """Each customer's periods that end after `since`, newest first, with their plans and
     the plans' overage tiers. With `reads`, queued there and filled when they run."""
     periods: dict[int, list[BillingPeriod]] = {}
-    queue = reads or rows.Together()
-    where = f'customer_id IN ({rows.in_list(customer_ids)}) AND "end" > %s'
-    params = [*customer_ids, rows.db_value(BillingPeriod, "end", since)]
-    found = queue.fetch(BillingPeriod, where, params, order_by="start DESC, id")
-    # The periods' plans and tiers (subqueries: the plans are not known yet).
+    where, params = _periods_ending_after(customer_ids, since)
+    # The periods' plans and tiers through subqueries: the plans are not known yet.
     of_periods = f"SELECT plan_id FROM {BillingPeriod._meta.db_table} WHERE {where}"
-    plans = queue.fetch(Plan, f"id IN ({of_periods})", params)
 
     def assemble(tiers):
         by_pk = {plan.pk: plan for plan in plans}
@@ -278,10 +279,11 @@ def _periods_by_customer(customer_ids: list[int], since: datetime,
             period.plan = by_pk[period.plan_id]
             periods.setdefault(period.customer_id, []).append(period)
 
-    queue.fetch(OverageTier, f"plan_id IN ({of_periods})", params, order_by="plan_id, up_to IS NULL, up_to",
-                then=assemble)
-    if reads is None:
-        queue.run()
+    with rows.queued(reads) as queue:
+        found = queue.fetch(BillingPeriod, where, params, order_by="start DESC, id")
+        plans = queue.fetch(Plan, f"id IN ({of_periods})", params)
+        queue.fetch(OverageTier, f"plan_id IN ({of_periods})", params, order_by="plan_id, up_to IS NULL, up_to",
+                    then=assemble)
     return periods
 
 
@@ -293,16 +295,22 @@ def _feature_costs_query(plan_ids_sql: str, plan_params: list, features) -> tupl
             [*plan_params, *feature_ids])
 
 
+_CREDITS_PER_UNIT = [None, None, FeatureCost._meta.get_field("credits_per_unit")]  # how the query's rows convert
+
+
+def _costs_by_plan(plan_ids, features, found) -> dict[tuple[int, int], Decimal]:
+    """(plan, feature) → credits per unit: the plan's cost among `found` (rows of
+    `_feature_costs_query`), else the feature's default."""
+    costs = {(plan_id, feature.pk): feature.default_credits_per_unit for plan_id in plan_ids for feature in features}
+    costs.update(((plan_id, feature_id), credits) for plan_id, feature_id, credits in found)
+    return costs
+
+
 def feature_costs(plan_ids: set[int], features) -> dict[tuple[int, int], Decimal]:
     """(plan, feature) → credits per unit: the plan's cost, else the feature's default."""
-    features = list(features)
-    costs = {(plan_id, feature.pk): feature.default_credits_per_unit for plan_id in plan_ids for feature in features}
-    plan_ids = list(plan_ids)
-    for plan_id, feature_id, credits in rows.fetch_values(
-            *_feature_costs_query(rows.in_list(plan_ids), plan_ids, features),
-            [None, None, FeatureCost._meta.get_field("credits_per_unit")]):
-        costs[(plan_id, feature_id)] = credits
-    return costs
+    features, plan_ids = list(features), list(plan_ids)
+    return _costs_by_plan(plan_ids, features, rows.fetch_values(
+        *_feature_costs_query(rows.in_list(plan_ids), plan_ids, features), _CREDITS_PER_UNIT))
 
 
 def _decide_customer_events(customer: Customer, subscription: Subscription | None,

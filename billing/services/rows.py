@@ -10,6 +10,7 @@ converters: SQLite returns decimals as floats and datetimes as text). The SQL mu
 portable (SQLite and PostgreSQL); lists go as `IN (%s, …)` built by `in_list`.
 """
 
+from contextlib import contextmanager
 from weakref import WeakKeyDictionary
 
 from django.db import transaction
@@ -115,6 +116,18 @@ class Together:
         for _, _, _, found, then in queued:
             if then is not None:
                 then(found)
+
+
+@contextmanager
+def queued(reads: Together | None):
+    """What a reader that may be handed a `Together` queues on: `reads`, or a `Together`
+    of its own, run when the block ends."""
+    if reads is not None:
+        yield reads
+        return
+    own = Together()
+    yield own
+    own.run()
 
 
 def attach_related(instances, related_name: str, related: list, key: str) -> None:
