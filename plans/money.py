@@ -11,6 +11,7 @@ from django.db import models
 
 # Credits may be fractional (1 credit per 1 000 tokens ⇒ 0.001 credit for one token).
 CREDIT_PLACES = 6
+CREDIT_STEP = Decimal(1).scaleb(-CREDIT_PLACES)  # a millionth of a credit
 CREDIT_DIGITS = 24
 # Unit prices can be sub-cent (0.002 per credit); stored exactly.
 RATE_PLACES = 8
@@ -64,7 +65,7 @@ def quantize_credits(value: Decimal) -> Decimal:
     """An event's credits (quantity × credits per unit) are kept to CREDIT_PLACES
     (a millionth of a credit), half-up. This happens once per event; every sum of
     credits after that is exact."""
-    return value.quantize(Decimal(1).scaleb(-CREDIT_PLACES), rounding=ROUND_HALF_UP)
+    return value.quantize(CREDIT_STEP, rounding=ROUND_HALF_UP)
 
 
 def credits_total(value) -> Decimal:
