@@ -94,16 +94,16 @@ def periods_crossing_a_threshold(drawn: dict[int, Decimal]) -> set[int]:
         return set()
     # Hand-written SQL (`rows`): this runs for every group of single events.
     grant, preference = CreditGrant._meta, AlertPreference._meta
-    period_ids = list(drawn)
+    of_periods, period_params = rows.one_of("period_id", drawn, "bigint")
     totals = rows.fetch_values(
         f"SELECT period_id, customer_id, SUM(credits), SUM(remaining) FROM {grant.db_table} "
-        f"WHERE period_id IN ({rows.in_list(period_ids)}) AND source = %s GROUP BY period_id, customer_id",
-        [*period_ids, CreditGrant.Source.PLAN_ALLOCATION], [None, None, grant.get_field("credits"),
-                                                             grant.get_field("remaining")])
-    customer_ids = list({customer_id for _, customer_id, _, _ in totals})
-    chosen = dict(rows.fetch_values(
-        f"SELECT customer_id, thresholds FROM {preference.db_table} WHERE customer_id IN ({rows.in_list(customer_ids)})",
-        customer_ids, [None, preference.get_field("thresholds")]))
+        f"WHERE {of_periods} AND source = %s GROUP BY period_id, customer_id",
+        [*period_params, CreditGrant.Source.PLAN_ALLOCATION], [None, None, grant.get_field("credits"),
+                                                                grant.get_field("remaining")])
+    of_customers, customer_params = rows.one_of("customer_id", {customer_id for _, customer_id, _, _ in totals},
+                                                "bigint")
+    chosen = dict(rows.fetch_values(f"SELECT customer_id, thresholds FROM {preference.db_table} WHERE {of_customers}",
+                                    customer_params, [None, preference.get_field("thresholds")]))
     crossed = set()
     for period_id, customer_id, credits, remaining in totals:
         included = credits_total(credits)

@@ -210,9 +210,9 @@ class CustomerLedger:
         Hand-written SQL (`rows`): this runs for every group of single events. With
         `reads`, the queries are queued there and the answer is filled when they run."""
         loaded = {pk: ([], {}, {}) for pk in customer_ids}
-        usable = (f"customer_id IN ({rows.in_list(customer_ids)}) AND remaining > 0 "
-                  "AND (expires_at IS NULL OR expires_at > %s)")
-        usable_params = [*customer_ids, rows.db_value(CreditGrant, "expires_at", since)]
+        of_customers, customer_params = rows.one_of("customer_id", customer_ids, "bigint")
+        usable = f"{of_customers} AND remaining > 0 AND (expires_at IS NULL OR expires_at > %s)"
+        usable_params = [*customer_params, rows.db_value(CreditGrant, "expires_at", since)]
 
         def assemble(reservations):
             owner = {}
@@ -240,9 +240,8 @@ class CustomerLedger:
                 f"SELECT creditgrant_id, feature_id FROM {CreditGrant.features.through._meta.db_table} "
                 f"WHERE creditgrant_id IN (SELECT id FROM {CreditGrant._meta.db_table} WHERE {usable})",
                 usable_params, [None, None])
-            queue.fetch(Reservation,
-                        f"customer_id IN ({rows.in_list(customer_ids)}) AND status = %s AND expires_at > %s",
-                        [*customer_ids, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)],
+            queue.fetch(Reservation, f"{of_customers} AND status = %s AND expires_at > %s",
+                        [*customer_params, Reservation.Status.ACTIVE, rows.db_value(Reservation, "expires_at", now)],
                         then=assemble)
         return loaded
 

@@ -35,6 +35,6 @@ def lock_customers(customer_ids, *, skip_locked: bool = False, reads: rows.Toget
 
     # By hand (`rows`): a group of single events takes its customers' locks here.
     with rows.queued(reads) as queue:
-        queue.fetch(Customer, f"id IN ({rows.in_list(ids)})", ids, order_by="id", for_update=True,
+        queue.fetch(Customer, *rows.one_of("id", ids, "bigint"), order_by="id", for_update=True,
                     skip_locked=skip_locked, then=taken)
     return locked

@@ -99,10 +99,10 @@ def record_events(*, events: list[EventInput], now: datetime, skip_locked: bool 
         by_customer.setdefault(item.customer, []).append(index)
     external_ids, codes = list(by_customer), list({e.feature for e in events})
     reads = rows.Together()  # both in one round trip
-    found_customers = reads.values(
-        f"SELECT external_id, id FROM {Customer._meta.db_table} WHERE external_id IN ({rows.in_list(external_ids)})",
-        external_ids, [None, None])
-    found_features = reads.fetch(Feature, f"code IN ({rows.in_list(codes)})", codes)
+    of_external_ids, external_id_params = rows.one_of("external_id", external_ids, "text")
+    found_customers = reads.values(f"SELECT external_id, id FROM {Customer._meta.db_table} WHERE {of_external_ids}",
+                                   external_id_params, [None, None])
+    found_features = reads.fetch(Feature, *rows.one_of("code", codes, "text"))
     # Keys for the rows the batch will most likely write (an event and one entry each),
     # drawn now rather than under the customers' locks.
     keys = draw_keys([(UsageEvent, len(events)), (LedgerEntry, len(events))], reads=reads)
@@ -148,18 +148,17 @@ def _record_batch(items_by_customer: dict[int, list[tuple[int, EventInput]]], fe
     customers = lock_customers(customer_pks, skip_locked=skip_locked, reads=reads)  # first: the rest read under it
     stored_pks = reads.values(*_stored_events_query(
         [(pk, item.event_id) for pk, items in items_by_customer.items() for _, item in items]), [None])
-    found_subscriptions = reads.fetch(
-        Subscription, f"customer_id IN ({rows.in_list(customer_pks)}) AND status <> %s",
-        [*customer_pks, Subscription.Status.CANCELED], order_by="id")
+    of_customers, customer_params = rows.one_of("customer_id", customer_pks, "bigint")
+    found_subscriptions = reads.fetch(Subscription, f"{of_customers} AND status <> %s",
+                                      [*customer_params, Subscription.Status.CANCELED], order_by="id")
     periods = _periods_by_customer(customer_pks, since, reads=reads)
     loaded = CustomerLedger._load(customer_pks, now, since, reads=reads)
     charged_where, charged_params = _periods_ending_after(customer_pks, since)
-    costs = reads.values(*_feature_costs_query(f"SELECT plan_id FROM {BillingPeriod._meta.db_table} "
-                                               f"WHERE {charged_where}", charged_params, features.values()),
+    costs = reads.values(*_feature_costs_query(f"plan_id IN (SELECT plan_id FROM {BillingPeriod._meta.db_table} "
+                                               f"WHERE {charged_where})", charged_params, features.values()),
                          _CREDITS_PER_UNIT)
-    with_topup = reads.values(
-        f"SELECT customer_id FROM {AutoTopUp._meta.db_table} WHERE customer_id IN ({rows.in_list(customer_pks)}) "
-        "AND enabled = %s", [*customer_pks, True], [None])
+    with_topup = reads.values(f"SELECT customer_id FROM {AutoTopUp._meta.db_table} WHERE {of_customers} "
+                              "AND enabled = %s", [*customer_params, True], [None])
     reads.run()
 
     if len(customers) < len(items_by_customer):  # only with skip_locked: held by another transaction
@@ -259,8 +258,8 @@ def _stored_events(pks: list[int]) -> dict[tuple[int, str], UsageEvent]:
 def _periods_ending_after(customer_ids: list[int], since: datetime) -> tuple[str, list]:
     """The periods a batch can charge: its customers' that end after `since` (a WHERE
     clause on the period table and its parameters)."""
-    return (f'customer_id IN ({rows.in_list(customer_ids)}) AND "end" > %s',
-            [*customer_ids, rows.db_value(BillingPeriod, "end", since)])
+    of_customers, customer_params = rows.one_of("customer_id", customer_ids, "bigint")
+    return f'{of_customers} AND "end" > %s', [*customer_params, rows.db_value(BillingPeriod, "end", since)]
 
 
 def _periods_by_customer(customer_ids: list[int], since: datetime,
@@ -287,12 +286,12 @@ def _periods_by_customer(customer_ids: list[int], since: datetime,
     return periods
 
 
-def _feature_costs_query(plan_ids_sql: str, plan_params: list, features) -> tuple[str, list]:
-    """(plan, feature, credits per unit) of the plans `plan_ids_sql` selects."""
-    feature_ids = [f.pk for f in features]
+def _feature_costs_query(of_plans: str, plan_params: list, features) -> tuple[str, list]:
+    """(plan, feature, credits per unit) of the plans for which `of_plans` (SQL on
+    `plan_id`) holds."""
+    of_features, feature_params = rows.one_of("feature_id", [f.pk for f in features], "bigint")
     return (f"SELECT plan_id, feature_id, credits_per_unit FROM {FeatureCost._meta.db_table} "
-            f"WHERE plan_id IN ({plan_ids_sql}) AND feature_id IN ({rows.in_list(feature_ids)})",
-            [*plan_params, *feature_ids])
+            f"WHERE {of_plans} AND {of_features}", [*plan_params, *feature_params])
 
 
 _CREDITS_PER_UNIT = [None, None, FeatureCost._meta.get_field("credits_per_unit")]  # how the query's rows convert
@@ -310,7 +309,7 @@ def feature_costs(plan_ids: set[int], features) -> dict[tuple[int, int], Decimal
     """(plan, feature) → credits per unit: the plan's cost, else the feature's default."""
     features, plan_ids = list(features), list(plan_ids)
     return _costs_by_plan(plan_ids, features, rows.fetch_values(
-        *_feature_costs_query(rows.in_list(plan_ids), plan_ids, features), _CREDITS_PER_UNIT))
+        *_feature_costs_query(*rows.one_of("plan_id", plan_ids, "bigint"), features), _CREDITS_PER_UNIT))
 
 
 def _decide_customer_events(customer: Customer, subscription: Subscription | None,

@@ -7,7 +7,7 @@ group's cost; the same read written as SQL costs 0.1-0.3 ms. These helpers keep 
 ORM gives that matters: model instances (`Model.from_db`, as a `RawQuerySet` builds them)
 and every value converted exactly as the ORM would (the backend's and the field's
 converters: SQLite returns decimals as floats and datetimes as text). The SQL must stay
-portable (SQLite and PostgreSQL); lists go as `IN (%s, …)` built by `in_list`.
+portable (SQLite and PostgreSQL); "one of these values" is written by `one_of`.
 """
 
 from contextlib import contextmanager
@@ -20,6 +20,18 @@ from django.db.models.expressions import Col
 def in_list(values) -> str:
     """Placeholders for `IN (…)`: one per value ("NULL", which matches nothing, for none)."""
     return ", ".join(["%s"] * len(values)) or "NULL"
+
+
+def one_of(column: str, values, db_type: str) -> tuple[str, list]:
+    """SQL saying that `column` is one of `values` (of PostgreSQL type `db_type`), and its
+    parameters. On PostgreSQL one parameter, an array: the statement then reads the same
+    whatever the number of values, so psycopg parses it once and keeps it (a statement
+    of over 50 parameters it parsed on every run, and quoted each value: a tenth of a
+    batch's reads). Elsewhere `IN (%s, …)`."""
+    values = list(values)
+    if transaction.get_connection().vendor == "postgresql":
+        return f"{column} = ANY(%s::{db_type}[])", [values]
+    return f"{column} IN ({in_list(values)})", values
 
 
 def db_value(model, field_name: str, value):
