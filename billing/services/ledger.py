@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
+from operator import itemgetter
 
 from django.conf import settings
 from django.db import transaction
@@ -134,6 +135,13 @@ def grant_terms(*, credits: Decimal, source: str, expires_at: datetime | None, f
 
 
 # --- Charging usage ---------------------------------------------------------------------
+
+CONSUME, OVERAGE = LedgerEntry.Kind.CONSUME, LedgerEntry.Kind.OVERAGE
+# A usage entry, recorded and not yet written, is a tuple (kind, credits, grant or None,
+# period id, event, feature id, effective at); the customer is its ledger's.
+# The columns `flush_many` writes a usage entry's row to, in its order.
+_USAGE_ENTRY_FIELDS = ("customer_id", "kind", "credits", "grant_id", "period_id", "event_id", "feature_id",
+                       "effective_at", "created_at", "note")
 
 @dataclass
 class Draw:
@@ -341,17 +349,16 @@ class CustomerLedger:
             self._settled.append(event.reservation_id)
         if not charge.allowed:
             return
+        # Entries as tuples, not model instances: a batch writes one or two
+        # per event and nothing reads them back before they are written.
         for draw in charge.draws:
-            self._entries.append(new_row(
-                LedgerEntry, customer=self.customer, kind=LedgerEntry.Kind.CONSUME, credits=-draw.credits,
-                grant=draw.grant, period=charge.period, event=event, feature=event.feature,
-                effective_at=event.timestamp))
+            self._entries.append((CONSUME, -draw.credits, draw.grant, charge.period.id, event, event.feature_id,
+                                  event.timestamp))
             draw.grant.remaining -= draw.credits
             self._dirty_grants[draw.grant.id] = draw.grant
         if charge.overage_credits > ZERO:
-            self._entries.append(new_row(
-                LedgerEntry, customer=self.customer, kind=LedgerEntry.Kind.OVERAGE, credits=-charge.overage_credits,
-                period=charge.period, event=event, feature=event.feature, effective_at=event.timestamp))
+            self._entries.append((OVERAGE, -charge.overage_credits, None, charge.period.id, event, event.feature_id,
+                                  event.timestamp))
         charge.period.credits_used += charge.credits
         charge.period.overage_credits += charge.overage_credits
         rollup = self._rollups.setdefault((charge.period.id, event.feature_id, event.timestamp.date()),
@@ -365,10 +372,9 @@ class CustomerLedger:
     def included_drawn(self) -> dict[int, Decimal]:
         """Period → credits drawn from its plan allocation by the charges not yet flushed."""
         drawn: dict[int, Decimal] = {}
-        for entry in self._entries:
-            grant = entry.grant
+        for _, credits, grant, *_ in self._entries:
             if grant is not None and grant.source == CreditGrant.Source.PLAN_ALLOCATION and grant.period_id:
-                drawn[grant.period_id] = drawn.get(grant.period_id, ZERO) - entry.credits
+                drawn[grant.period_id] = drawn.get(grant.period_id, ZERO) - credits
         return drawn
 
     def flush(self) -> None:
@@ -385,10 +391,16 @@ class CustomerLedger:
         connection = transaction.get_connection()
         assert connection.in_atomic_block, "flush needs the customers' transaction"
         events = [e for ledger in ledgers for e in ledger._events]
-        entries = [e for ledger in ledgers for e in ledger._entries]
+        entries = [(ledger.customer.id, entry) for ledger in ledgers for entry in ledger._entries]
         keys = _enough_keys([(UsageEvent, events), (LedgerEntry, entries)], keys)
         bulk_insert(UsageEvent, events, keys=keys and keys[0])
-        bulk_insert(LedgerEntry, entries, keys=keys and keys[1])
+        now = timezone.now()  # entries' created_at, as auto_now_add would set it
+        # The events have their keys now.
+        insert_rows(LedgerEntry, _USAGE_ENTRY_FIELDS, [
+            (customer_id, kind, credits, grant.id if grant is not None else None, period_id, event.id, feature_id,
+             effective_at, now, "")
+            for customer_id, (kind, credits, grant, period_id, event, feature_id, effective_at) in entries],
+            keys=keys and keys[1])
         grants = [g for ledger in ledgers for g in ledger._dirty_grants.values()]
         periods = [p for ledger in ledgers for p in ledger._periods.values()]
         rollups = {key: totals for ledger in ledgers for key, totals in ledger._rollups.items()}
@@ -527,41 +539,74 @@ def bulk_insert(model, objects: list, *, keys: list[int] | None = None) -> None:
     if connection.vendor != "postgresql":
         model.objects.bulk_create(objects)
         return
-    meta, quote = model._meta, connection.ops.quote_name
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
     # What `Field.pre_save(obj, add=True)` does, decided once per field rather than per
     # value: auto_now_add takes the flush's instant; everything else is the attribute.
     now = timezone.now()
     stamped = [f.attname for f in fields if getattr(f, "auto_now_add", False) or getattr(f, "auto_now", False)]
     relations = [(i, f) for i, f in enumerate(fields) if f.is_relation]
-    encoders = [(i, partial(json.dumps, cls=f.encoder)) for i, f in enumerate(fields) if isinstance(f, JSONField)]
     attnames = [f.attname for f in fields]
-    if keys is None:
-        keys = draw_keys([(model, len(objects))])[0]
-    assert len(keys) == len(objects), "one key per object"
-    with connection.cursor() as cursor:
-        columns = ", ".join(quote(f.column) for f in [meta.pk, *fields])
-        with cursor.cursor.copy(f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN") as copy:
-            for key, obj in zip(keys, objects):
-                values = obj.__dict__
-                for attname in stamped:
-                    values[attname] = now
-                row = [values[attname] for attname in attnames]
-                for i, f in relations:
-                    if row[i] is None and f.is_cached(obj):
-                        # An object saved earlier in this flush (an entry's event).
-                        related = f.get_cached_value(obj)
-                        if related is not None:
-                            if related.pk is None:
-                                raise ValueError(f"{model.__name__}.{f.name}: the related object is unsaved")
-                            row[i] = values[f.attname] = related.pk
-                for i, dumps in encoders:
-                    if row[i] is not None:
-                        row[i] = dumps(row[i])  # text, which COPY parses as jsonb
-                copy.write_row([key, *row])
+    values_of = itemgetter(*attnames)
+
+    def row(obj) -> list:
+        values = obj.__dict__
+        for attname in stamped:
+            values[attname] = now
+        row = list(values_of(values))
+        for i, f in relations:
+            if row[i] is None and f.is_cached(obj):
+                # An object saved earlier (the caller's to have saved first).
+                related = f.get_cached_value(obj)
+                if related is not None:
+                    if related.pk is None:
+                        raise ValueError(f"{model.__name__}.{f.name}: the related object is unsaved")
+                    row[i] = values[f.attname] = related.pk
+        return row
+
+    keys = _copy_rows(model, attnames, map(row, objects), len(objects), keys)
     for key, obj in zip(keys, objects):
         obj.pk = key
         obj._state.adding, obj._state.db = False, connection.alias
+
+
+def insert_rows(model, attnames: tuple[str, ...], values: list[tuple], *, keys: list[int] | None = None) -> None:
+    """Insert rows given as tuples of `attnames` values (every concrete field but the
+    primary key, by attribute name), for rows written by the thousand with no model
+    instance to build: on PostgreSQL by `COPY` with keys from the sequence (or `keys`),
+    elsewhere `bulk_create`. No signals, no `save()`, no defaults: every value is given."""
+    if not values:
+        return
+    assert set(attnames) == {f.attname for f in model._meta.concrete_fields if not f.primary_key}, \
+        f"{model.__name__}: a value for every field"
+    if transaction.get_connection().vendor != "postgresql":
+        model.objects.bulk_create([model(**dict(zip(attnames, row))) for row in values])
+        return
+    _copy_rows(model, attnames, values, len(values), keys)
+
+
+def _copy_rows(model, attnames, values, count: int, keys: list[int] | None) -> list[int]:
+    """PostgreSQL: `COPY` rows (in `attnames` order) into `model`'s table, each with its
+    key; the keys, drawn from the table's sequence unless given."""
+    connection = transaction.get_connection()
+    meta, quote = model._meta, connection.ops.quote_name
+    by_attname = {f.attname: f for f in meta.concrete_fields}
+    fields = [by_attname[attname] for attname in attnames]
+    # JSON goes as text, which COPY parses as jsonb.
+    encoders = [(i, partial(json.dumps, cls=f.encoder)) for i, f in enumerate(fields) if isinstance(f, JSONField)]
+    if keys is None:
+        keys = draw_keys([(model, count)])[0]
+    assert len(keys) == count, "one key per row"
+    with connection.cursor() as cursor:
+        columns = ", ".join(quote(f.column) for f in [meta.pk, *fields])
+        with cursor.cursor.copy(f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN") as copy:
+            for key, row in zip(keys, values):
+                if encoders:
+                    row = list(row)
+                    for i, dumps in encoders:
+                        if row[i] is not None:
+                            row[i] = dumps(row[i])
+                copy.write_row((key, *row))
+    return keys
 
 
 def new_row(model, **values):
