@@ -13,7 +13,7 @@ from operator import itemgetter
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import JSONField
+from django.db.models import DateTimeField, JSONField
 from django.db.models.base import ModelState
 from django.utils import timezone
 
@@ -591,8 +591,11 @@ def _copy_rows(model, attnames, values, count: int, keys: list[int] | None) -> l
     meta, quote = model._meta, connection.ops.quote_name
     by_attname = {f.attname: f for f in meta.concrete_fields}
     fields = [by_attname[attname] for attname in attnames]
-    # JSON goes as text, which COPY parses as jsonb.
-    encoders = [(i, partial(json.dumps, cls=f.encoder)) for i, f in enumerate(fields) if isinstance(f, JSONField)]
+    # Some values go as text, which COPY parses: JSON, and instants, whose dumper cost
+    # ten times an integer's (0.9 µs; four per event in a batch, most of them the same
+    # object: the batch's `now`).
+    as_text = [(i, partial(json.dumps, cls=f.encoder)) for i, f in enumerate(fields) if isinstance(f, JSONField)]
+    as_text += [(i, _InstantText().text) for i, f in enumerate(fields) if isinstance(f, DateTimeField)]
     if keys is None:
         keys = draw_keys([(model, count)])[0]
     assert len(keys) == count, "one key per row"
@@ -600,13 +603,28 @@ def _copy_rows(model, attnames, values, count: int, keys: list[int] | None) -> l
         columns = ", ".join(quote(f.column) for f in [meta.pk, *fields])
         with cursor.cursor.copy(f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN") as copy:
             for key, row in zip(keys, values):
-                if encoders:
-                    row = list(row)
-                    for i, dumps in encoders:
-                        if row[i] is not None:
-                            row[i] = dumps(row[i])
-                copy.write_row((key, *row))
+                row = [key, *row]
+                for i, text in as_text:
+                    if row[i + 1] is not None:
+                        row[i + 1] = text(row[i + 1])
+                copy.write_row(row)
     return keys
+
+
+class _InstantText:
+    """An aware datetime as PostgreSQL reads a timestamptz (ISO 8601 with its offset),
+    the text of the last object kept: a batch's rows share a handful of instants."""
+
+    def __init__(self):
+        self._last, self._text = None, ""
+
+    def text(self, value):
+        if value is self._last:
+            return self._text
+        if value.tzinfo is None:
+            return value  # naive: as psycopg sends it
+        self._last, self._text = value, value.isoformat()
+        return self._text
 
 
 def new_row(model, **values):

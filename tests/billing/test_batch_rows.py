@@ -5,6 +5,7 @@ SQLite by bulk_create; both must store the same rows, linked the same way."""
 from decimal import Decimal
 
 import pytest
+from django.db import transaction
 import time_machine
 
 from billing.models import LedgerEntry, UsageEvent
@@ -83,3 +84,29 @@ def test_new_row_builds_what_the_model_constructor_builds():
     assert first.properties == {} and first.properties is not second.properties
     with pytest.raises(TypeError):
         new_row(LedgerEntry, credit=Decimal("1"))
+
+
+@time_machine.travel(NOW, tick=False)
+def test_rows_written_from_tuples_keep_every_instant_and_amount_exactly():
+    """`insert_rows` (COPY on PostgreSQL, where instants go as ISO text) stores the
+    instants it is given to the microsecond, whatever their offset, and exact decimals."""
+    from datetime import datetime, timedelta, timezone
+
+    from billing.services.ledger import _USAGE_ENTRY_FIELDS, insert_rows
+
+    customer = make_customer(pro_plan(), started_at=utc(2026, 5, 1), external_id="acme")
+    period = customer.periods.get()
+    grant = period.grants.get()
+    instants = [utc(2026, 5, 10, 8, 59, 59).replace(microsecond=123456), utc(2026, 5, 10, 9),
+                datetime(2026, 5, 10, 11, 30, 0, 1, tzinfo=timezone(timedelta(hours=2, minutes=30)))]
+    credits = [Decimal("-0.000001"), Decimal("-1E+3"), Decimal("-123456789.123456")]
+    before = LedgerEntry.objects.count()
+    with transaction.atomic():
+        insert_rows(LedgerEntry, _USAGE_ENTRY_FIELDS, [
+            (customer.pk, LedgerEntry.Kind.CONSUME, amount, grant.pk, period.pk, None, None, at, instants[1], "")
+            for amount, at in zip(credits, instants)])
+    written = list(LedgerEntry.objects.order_by("id")[before:])
+    assert [e.effective_at for e in written] == instants
+    assert [e.created_at for e in written] == [instants[1]] * 3
+    assert [e.credits for e in written] == credits
+    assert [e.event_id for e in written] == [None] * 3 and {e.grant_id for e in written} == {grant.pk}
