@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from operator import itemgetter
+from types import MappingProxyType
 
 from django.conf import settings
 from django.db import transaction
@@ -137,6 +138,7 @@ def grant_terms(*, credits: Decimal, source: str, expires_at: datetime | None, f
 # --- Charging usage ---------------------------------------------------------------------
 
 CONSUME, OVERAGE = LedgerEntry.Kind.CONSUME, LedgerEntry.Kind.OVERAGE
+_NOTHING_HELD = (MappingProxyType({}), MappingProxyType({}))  # by grant, by period
 # A usage entry, recorded and not yet written, is a tuple (kind, credits, grant or None,
 # period id, event, feature id, effective at); the customer is its ledger's.
 # The columns `flush_many` writes a usage entry's row to, in its order.
@@ -256,6 +258,8 @@ class CustomerLedger:
     # -- deciding --
 
     def _held(self, exclude) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
+        if not self._holds:
+            return _NOTHING_HELD  # (every charge asks; most customers hold nothing)
         by_grant: dict[int, Decimal] = {}
         overage_by_period: dict[int, Decimal] = {}
         for reservation_id, (grants, overage, period_id, expires_at) in self._holds.items():

@@ -133,11 +133,14 @@ def test_looking_up_stored_event_ids_probes_the_index_whatever_the_table_size(cu
         found = _stored_events([pk for pk, in rows.fetch_values(*_stored_events_query(keys), [None])])
     assert [event_id for _, event_id in found] == ["e7"]
 
-    lookup = next(q["sql"] for q in queries if "unnest" in q["sql"])
+    lookup = next(q["sql"] for q in queries if "jsonb_array_elements" in q["sql"])
     with connection.cursor() as cursor:
         cursor.execute("EXPLAIN " + lookup)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "Seq Scan on billing_usageevent" not in plan and "unique_event_id_per_customer" in plan
+
+
+ODD_ID = 'q"u\\o\'te,{ü}\t☃ 1'  # the characters that JSON, arrays and SQL literals escape
 
 
 @time_machine.travel(NOW, tick=False)
@@ -146,12 +149,15 @@ def test_stored_events_are_found_by_customer_and_id_on_every_database(customer):
     other = make_customer(Plan.objects.get(), started_at=utc(2026, 5, 1), external_id="other")
     record_events(events=[EventInput(event_id=f"e{i}", customer="acme", feature="api", quantity=Decimal("1"))
                           for i in range(3)] + [EventInput(event_id="x", customer="other", feature="api",
+                                                           quantity=Decimal("1")),
+                                                EventInput(event_id=ODD_ID, customer="other", feature="api",
                                                            quantity=Decimal("1"))], now=NOW)
-    keys = [(customer.pk, "e1"), (customer.pk, "x"), (other.pk, "x"), (other.pk, "e1"), (customer.pk, "nope")]
+    keys = [(customer.pk, "e1"), (customer.pk, "x"), (other.pk, "x"), (other.pk, "e1"), (customer.pk, "nope"),
+            (other.pk, ODD_ID), (customer.pk, ODD_ID), (other.pk, ODD_ID[:-1])]
 
     found = _stored_events([pk for pk, in rows.fetch_values(*_stored_events_query(keys), [None])])
 
-    assert sorted(found) == [(customer.pk, "e1"), (other.pk, "x")]
+    assert sorted(found) == sorted([(customer.pk, "e1"), (other.pk, "x"), (other.pk, ODD_ID)])
     assert found[(other.pk, "x")].customer == other
 
 
