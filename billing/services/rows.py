@@ -11,6 +11,8 @@ portable (SQLite and PostgreSQL); "one of these values" is written by `one_of`.
 """
 
 from contextlib import contextmanager
+from datetime import timezone
+from functools import cache
 from weakref import WeakKeyDictionary
 
 from django.db import transaction
@@ -112,6 +114,7 @@ class Together:
                     for sql, params, _, _, _ in queued:
                         cursor = connection.cursor()
                         cursors.append(cursor)
+                        _load_instants_in_c(cursor, connection)
                         cursor.execute(sql, params)
                 results = [cursor.fetchall() for cursor in cursors]
             finally:
@@ -121,6 +124,8 @@ class Together:
             results = []
             for sql, params, _, _, _ in queued:
                 with connection.cursor() as cursor:
+                    if connection.vendor == "postgresql":
+                        _load_instants_in_c(cursor, connection)
                     cursor.execute(sql, params)
                     results.append(cursor.fetchall())
         for (_, _, build, found, _), result in zip(queued, results):
@@ -128,6 +133,28 @@ class Together:
         for _, _, _, found, then in queued:
             if then is not None:
                 then(found)
+
+
+def _load_instants_in_c(cursor, connection) -> None:
+    """Let `cursor` read timestamptz values with psycopg's C loader. Django registers a
+    subclass of psycopg's pure-Python loader that replaces each value's zone with UTC:
+    3 µs a value, a quarter of the CPU of a batch's reads. The C loader (0.3 µs) gives
+    the same datetime, zone `timezone.utc`, when the session's TimeZone is UTC, which
+    Django sets when USE_TZ is on; otherwise Django's loader stays."""
+    loader = _c_timestamptz_loader()
+    if (loader is not None and connection.timezone is timezone.utc
+            and connection.connection.info.parameter_status("TimeZone") == "UTC"):
+        cursor.cursor.adapters.register_loader("timestamptz", loader)
+
+
+@cache
+def _c_timestamptz_loader():
+    """psycopg's C timestamptz loader, or None with the pure-Python psycopg."""
+    from psycopg import postgres
+    from psycopg.pq import Format
+
+    loader = postgres.adapters.get_loader(postgres.types["timestamptz"].oid, Format.TEXT)
+    return loader if loader.__module__.startswith("psycopg_binary") else None
 
 
 @contextmanager

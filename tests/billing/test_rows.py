@@ -3,6 +3,7 @@ builds must be what the ORM builds, value for value, on SQLite (decimals come ba
 floats, datetimes as text, UUIDs as hex) as on PostgreSQL; and the one lookup that runs
 against the whole event table must probe its index, not scan it."""
 
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -218,3 +219,26 @@ def test_a_batch_uses_the_keys_drawn_before_its_transaction_and_draws_what_it_la
     assert [(e.event_id, e.kind, e.credits) for e in entries] == [
         (events[0].pk, "consume", Decimal("-8750.000000")), (events[1].pk, "consume", Decimal("-1243.437500")),
         (events[1].pk, "overage", Decimal("-6.562500")), (events[2].pk, "overage", Decimal("-1.250000"))]
+
+
+def test_instants_read_by_hand_are_the_orms_to_the_zone(customer):
+    """On PostgreSQL `rows` reads timestamptz with psycopg's C loader, not Django's: the
+    same datetimes as the ORM's, microseconds and zone object (`timezone.utc`) included."""
+    from datetime import timezone
+
+    record_events(events=[EventInput(event_id="late", customer="acme", feature="api", quantity=Decimal("1"),
+                                     timestamp=utc(2026, 5, 10, 8, 59, 59).replace(microsecond=654321))],
+                  now=NOW)
+    for model in (Customer, BillingPeriod, CreditGrant, UsageEvent):
+        by_hand = rows.fetch(model, "customer_id = %s" if model is not Customer else "id = %s", [customer.pk],
+                             order_by="id")
+        by_orm = list((model.objects.filter(pk=customer.pk) if model is Customer
+                       else model.objects.filter(customer=customer)).order_by("id"))
+        assert [_values(obj) for obj in by_hand] == [_values(obj) for obj in by_orm] != []
+        instants = [(value, value.tzinfo) for obj in by_hand for value in _values(obj).values()
+                    if isinstance(value, datetime)]
+        assert instants == [(value, value.tzinfo) for obj in by_orm for value in _values(obj).values()
+                            if isinstance(value, datetime)]
+        assert instants and all(zone is timezone.utc for _, zone in instants)
+    assert utc(2026, 5, 10, 8, 59, 59).replace(microsecond=654321) in [
+        e.timestamp for e in rows.fetch(UsageEvent, "event_id = %s", ["late"])]
