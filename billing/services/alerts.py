@@ -73,15 +73,17 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], threshol
     overage_here: dict[int, Decimal] = {}
     periods = {}
     for event in accepted:
-        overage_here[event.period_id] = overage_here.get(event.period_id, ZERO) + event.overage_credits
-        periods[event.period_id] = event.period
+        period_id = event.period_id
+        overage_here[period_id] = overage_here.get(period_id, ZERO) + event.overage_credits
+        if period_id not in periods:
+            periods[period_id] = event.period
     # The period objects carry the totals after these events.
     overage_started = {pk for pk, added in overage_here.items()
                        if added > ZERO and periods[pk].overage_credits == added}
     due = (set(periods) & thresholds_crossed) | overage_started | set(cap_event_by_period)
     for period_id in sorted(due):
         enqueue(tasks.check_alerts_task, customer_id, period_id, cap_event_by_period.get(period_id))
-    if any(e.period.plan.runaway_multiplier is not None for e in accepted):
+    if any(period.plan.runaway_multiplier is not None for period in periods.values()):
         after_commit(schedule_runaway_check, customer_id)
 
 

@@ -408,5 +408,9 @@ def _enqueue_billing_follow_ups(customer_id: int, events: list[UsageEvent], *, a
         return
     if auto_topup:
         enqueue(tasks.run_auto_topup_task, customer_id)
-    for period_id in sorted({e.period_id for e in accepted if e.period.plan.progressive_billing_threshold is not None}):
+    periods = {}
+    for event in accepted:
+        if event.period_id not in periods:
+            periods[event.period_id] = event.period
+    for period_id in sorted(pk for pk, period in periods.items() if period.plan.progressive_billing_threshold is not None):
         enqueue(tasks.bill_progressively_task, period_id)

@@ -83,3 +83,25 @@ def test_entitlement_result_equals_the_serializer():
         body["reservation_id"] = decision.reservation.pk if decision.reservation else None
         body["reservation_expires_at"] = decision.reservation.expires_at if decision.reservation else None
         assert entitlement_result(decision) == EntitlementResultSerializer().to_representation(body)
+
+
+def test_event_result_equals_the_serializer_whatever_amounts_and_instants_repeat():
+    """`event_result` keeps the texts of amounts it has seen and of the last `received_at`:
+    a batch's events answered one after another, repeating equal amounts written
+    differently (1.5 and 1.500000), zero and negative zero, and sharing or not their
+    `received_at` object as timestamp, each answer as the serializer's."""
+    from billing.models import Customer
+    from plans.models import Feature
+
+    customer, feature = Customer(external_id="acme"), Feature(code="api")
+    received = utc(2026, 5, 10, 12, 30, 15, 250)
+    amounts = [Decimal("1.5"), Decimal("1.500000"), Decimal("0"), Decimal("-0"), Decimal("1E+3"),
+               Decimal("1000.000000"), Decimal("0.000001"), Decimal("-2.50")]
+    for round_ in range(2):
+        for index, amount in enumerate(amounts):
+            stamp = received if index % 2 else utc(2026, 5, 9, 8, 0, index)
+            event = UsageEvent(customer=customer, feature=feature, event_id=f"e{index}", quantity=amount,
+                               credits=amounts[-1 - index], overage_credits=amount, timestamp=stamp,
+                               received_at=received if round_ == 0 else utc(2026, 5, 11), properties={"i": index},
+                               status="accepted", reject_reason="")
+            assert event_result(event) == EventResultSerializer(event).data
