@@ -868,7 +868,9 @@ def main() -> int:
           f"total run {time.perf_counter() - t0:.0f} s")
     print(f"CPU busy, in cores of {os.cpu_count()} (gunicorn workers / PostgreSQL backends / this client / "
           f"taken by the host (steal) / everything else on the machine): "
-          + "; ".join(f"{name} {cores(summary)}" for name, summary in measured if summary is not None))
+          # (a phase skipped with 0 seconds has no CPU figures worth printing)
+          + "; ".join(f"{name} {cores(summary)}" for name, summary in measured
+                      if summary is not None and (summary.get("elapsed_s") or 0) >= 1))
     for note in notes:
         print(f"note: {note}")
 
