@@ -24,6 +24,7 @@ from billing.periods import as_utc
 from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_threshold
 from billing.services.customers import open_periods
 from billing.services import rows
+from billing.services.json_text import compact_encoder
 from billing.services.ledger import CustomerLedger, draw_keys, new_row
 from billing.services.locks import lock_customers
 from billing.services.commit_hooks import enqueue
@@ -52,11 +53,11 @@ class EventInput:
             "properties": self.properties,
             "reservation_id": str(self.reservation_id) if self.reservation_id else None,
         }
-        return hashlib.sha256(_CANONICAL_JSON.encode(canonical).encode()).hexdigest()
+        return hashlib.sha256(_canonical_json(canonical).encode()).hexdigest()
 
 
-# One encoder for every fingerprint (json.dumps with options builds one per call).
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+# Sorted keys, no spaces, anything else as text: stored fingerprints depend on every byte.
+_canonical_json = compact_encoder(sort_keys=True, default=str)
 
 
 @dataclass
