@@ -140,8 +140,8 @@ def grant_terms(*, credits: Decimal, source: str, expires_at: datetime | None, f
 
 CONSUME, OVERAGE = LedgerEntry.Kind.CONSUME, LedgerEntry.Kind.OVERAGE
 _NOTHING_HELD = (MappingProxyType({}), MappingProxyType({}))  # by grant, by period
-# A usage entry, recorded and not yet written, is a tuple (kind, credits, grant or None,
-# period id, event, feature id, effective at); the customer is its ledger's.
+# A usage entry, recorded and not yet written, is a tuple (customer id, kind, credits,
+# grant or None, period id, event, feature id, effective at).
 # The columns `flush_many` writes a usage entry's row to, in its order.
 _USAGE_ENTRY_FIELDS = ("customer_id", "kind", "credits", "grant_id", "period_id", "event_id", "feature_id",
                        "effective_at", "created_at", "note")
@@ -356,14 +356,15 @@ class CustomerLedger:
             return
         # Entries as tuples, not model instances: a batch writes one or two
         # per event and nothing reads them back before they are written.
+        customer_id = self.customer.id
         for draw in charge.draws:
-            self._entries.append((CONSUME, -draw.credits, draw.grant, charge.period.id, event, event.feature_id,
-                                  event.timestamp))
+            self._entries.append((customer_id, CONSUME, -draw.credits, draw.grant, charge.period.id, event,
+                                  event.feature_id, event.timestamp))
             draw.grant.remaining -= draw.credits
             self._dirty_grants[draw.grant.id] = draw.grant
         if charge.overage_credits > ZERO:
-            self._entries.append((OVERAGE, -charge.overage_credits, None, charge.period.id, event, event.feature_id,
-                                  event.timestamp))
+            self._entries.append((customer_id, OVERAGE, -charge.overage_credits, None, charge.period.id, event,
+                                  event.feature_id, event.timestamp))
         charge.period.credits_used += charge.credits
         charge.period.overage_credits += charge.overage_credits
         rollup = self._rollups.setdefault((charge.period.id, event.feature_id, event.timestamp.date()),
@@ -377,7 +378,7 @@ class CustomerLedger:
     def included_drawn(self) -> dict[int, Decimal]:
         """Period → credits drawn from its plan allocation by the charges not yet flushed."""
         drawn: dict[int, Decimal] = {}
-        for _, credits, grant, *_ in self._entries:
+        for _, _, credits, grant, *_ in self._entries:
             if grant is not None and grant.source == CreditGrant.Source.PLAN_ALLOCATION and grant.period_id:
                 drawn[grant.period_id] = drawn.get(grant.period_id, ZERO) - credits
         return drawn
@@ -396,7 +397,7 @@ class CustomerLedger:
         connection = transaction.get_connection()
         assert connection.in_atomic_block, "flush needs the customers' transaction"
         events = [e for ledger in ledgers for e in ledger._events]
-        entries = [(ledger.customer.id, entry) for ledger in ledgers for entry in ledger._entries]
+        entries = [entry for ledger in ledgers for entry in ledger._entries]
         keys = _enough_keys([(UsageEvent, events), (LedgerEntry, entries)], keys)
         bulk_insert(UsageEvent, events, keys=keys and keys[0])
         now = timezone.now()  # entries' created_at, as auto_now_add would set it
@@ -404,7 +405,7 @@ class CustomerLedger:
         insert_rows(LedgerEntry, _USAGE_ENTRY_FIELDS, [
             (customer_id, kind, credits, grant.id if grant is not None else None, period_id, event.id, feature_id,
              effective_at, now, "")
-            for customer_id, (kind, credits, grant, period_id, event, feature_id, effective_at) in entries],
+            for customer_id, kind, credits, grant, period_id, event, feature_id, effective_at in entries],
             keys=keys and keys[1])
         grants = [g for ledger in ledgers for g in ledger._dirty_grants.values()]
         periods = [p for ledger in ledgers for p in ledger._periods.values()]
@@ -569,9 +570,12 @@ def bulk_insert(model, objects: list, *, keys: list[int] | None = None) -> None:
         return row
 
     keys = _copy_rows(model, attnames, map(row, objects), len(objects), keys)
+    pk_attname, alias = model._meta.pk.attname, connection.alias
+    assert not model._meta.parents, "a child model's key is its parent's: set through .pk"
     for key, obj in zip(keys, objects):
-        obj.pk = key
-        obj._state.adding, obj._state.db = False, connection.alias
+        obj.__dict__[pk_attname] = key  # what `.pk = key` sets, without the property's walk over parents
+        state = obj._state
+        state.adding, state.db = False, alias
 
 
 def insert_rows(model, attnames: tuple[str, ...], values: list[tuple], *, keys: list[int] | None = None) -> None:
