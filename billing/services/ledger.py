@@ -146,6 +146,7 @@ _NOTHING_HELD = (MappingProxyType({}), MappingProxyType({}))  # by grant, by per
 _USAGE_ENTRY_FIELDS = ("customer_id", "kind", "credits", "grant_id", "period_id", "event_id", "feature_id",
                        "effective_at", "created_at", "note")
 
+
 @dataclass
 class Draw:
     grant: CreditGrant

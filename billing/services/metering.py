@@ -413,5 +413,6 @@ def _enqueue_billing_follow_ups(customer_id: int, events: list[UsageEvent], *, a
     for event in accepted:
         if event.period_id not in periods:
             periods[event.period_id] = event.period
-    for period_id in sorted(pk for pk, period in periods.items() if period.plan.progressive_billing_threshold is not None):
+    for period_id in sorted(pk for pk, period in periods.items()
+                            if period.plan.progressive_billing_threshold is not None):
         enqueue(tasks.bill_progressively_task, period_id)
