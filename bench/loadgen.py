@@ -20,6 +20,11 @@ class HttpError(Exception):
     """The connection broke or the answer could not be read."""
 
 
+# A connection idle longer than this is closed rather than reused (under the server's
+# keep-alive timeout).
+REUSE_IDLE_SECONDS = 1.0
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection; one request in flight at a time."""
 
@@ -29,12 +34,23 @@ class Connection(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.closed = False
         self.closing = False  # the server said "Connection: close"
+        self.idle_since = 0.0  # loop time it last went idle
         self._need: int | None = None  # bytes of a complete answer, once the head is read
         self._status = 0
         self._head_end = 0
 
     def connection_made(self, transport):
         self.transport = transport
+        self.idle_since = asyncio.get_running_loop().time()
+
+    def stale(self) -> bool:
+        """Closed, or idle so long that the server may be closing it as we reuse it: a
+        request written as the server's keep-alive timeout fires (gunicorn: 2 s) is lost
+        with the connection. HTTP clients drop such connections; so does this one."""
+        if not self.closed and asyncio.get_running_loop().time() - self.idle_since > REUSE_IDLE_SECONDS:
+            self.transport.close()
+            self.closed = True
+        return self.closed
 
     def connection_lost(self, exc):
         self.closed = True
@@ -126,7 +142,7 @@ class Client:
     async def connection(self) -> Connection:
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed:
+            if not conn.stale():
                 return conn
         _, conn = await asyncio.get_running_loop().create_connection(Connection, self.host, self.port)
         self.opened += 1
@@ -145,6 +161,7 @@ class Client:
         if conn.closing:
             conn.transport.close()
         else:
+            conn.idle_since = asyncio.get_running_loop().time()
             self.idle.append(conn)
         return answer
 
@@ -212,6 +229,7 @@ async def open_loop(client: Client, *, path: str, rate: float, seconds: float, t
         elif backlog:
             send(conn, *backlog.popleft())
         else:
+            conn.idle_since = loop.time()
             idle.append(conn)
 
     def send(conn: Connection, request: bytes, scheduled: float) -> None:
@@ -250,7 +268,7 @@ async def open_loop(client: Client, *, path: str, rate: float, seconds: float, t
         """Hand waiting requests to idle connections; open more while some still wait."""
         while backlog and idle:
             conn = idle.pop()
-            if conn.closed:
+            if conn.stale():
                 live.discard(conn)
                 continue
             send(conn, *backlog.popleft())

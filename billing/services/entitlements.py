@@ -8,7 +8,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import transaction
 
-from billing.errors import Conflict, NotFound
+from billing.errors import Conflict, NeedsDatabase, NotFound
 from billing.models import Customer, Reservation, ReservationHold
 from billing.services.customers import current_period, live_subscription
 from billing.services.ledger import CustomerLedger, Reason

@@ -14,6 +14,8 @@ def compact_encoder(*, sort_keys: bool = False, default=None):
     reference = JSONEncoder(separators=(",", ":"), sort_keys=sort_keys, default=default, check_circular=False)
     if c_make_encoder is None:  # an interpreter without the C accelerator
         return reference.encode
+    # The C encoder `JSONEncoder.iterencode` makes, made once (its arguments are not a
+    # public interface: checked below against the encoder itself).
     iterencode = c_make_encoder(None, reference.default, encode_basestring_ascii, None, ":", ",", sort_keys, False,
                                 True)
 
@@ -22,4 +24,5 @@ def compact_encoder(*, sort_keys: bool = False, default=None):
             return encode_basestring_ascii(value)  # as `JSONEncoder.encode` answers a string
         return "".join(iterencode(value, 0))
 
-    return encode
+    sample = {"b": [1, 2.5, None, True, "é\n"], "a": {"z": -0.0, "y": 10**20}}
+    return encode if encode(sample) == reference.encode(sample) else reference.encode

@@ -11,6 +11,7 @@ from decimal import Decimal
 from functools import partial
 from operator import itemgetter
 from types import MappingProxyType
+from typing import Mapping
 
 from django.conf import settings
 from django.db import transaction
@@ -198,7 +199,7 @@ class CustomerLedger:
         self.customer, self.subscription, self.now = customer, subscription, now
         grants, self._scopes, self._holds = _loaded or self._load([customer.pk], now, since or now)[customer.pk]
         self._grants: list[CreditGrant] = grants
-        self._entries: list[LedgerEntry] = []
+        self._entries: list[tuple] = []  # usage entries not yet written (see _USAGE_ENTRY_FIELDS)
         self._events: list[UsageEvent] = []
         self._periods: dict[int, BillingPeriod] = {}
         self._dirty_grants: dict[int, CreditGrant] = {}
@@ -259,7 +260,7 @@ class CustomerLedger:
 
     # -- deciding --
 
-    def _held(self, exclude) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
+    def _held(self, exclude) -> tuple[Mapping[int, Decimal], Mapping[int, Decimal]]:
         if not self._holds:
             return _NOTHING_HELD  # (every charge asks; most customers hold nothing)
         by_grant: dict[int, Decimal] = {}
@@ -401,6 +402,8 @@ class CustomerLedger:
         entries = [entry for ledger in ledgers for entry in ledger._entries]
         keys = _enough_keys([(UsageEvent, events), (LedgerEntry, entries)], keys)
         bulk_insert(UsageEvent, events, keys=keys and keys[0])
+        if events and events[-1].id is None:  # (bulk_create on a database that returns no keys)
+            raise RuntimeError("the events were written without getting their keys back")
         now = timezone.now()  # entries' created_at, as auto_now_add would set it
         # The events have their keys now.
         insert_rows(LedgerEntry, _USAGE_ENTRY_FIELDS, [
@@ -542,6 +545,7 @@ def bulk_insert(model, objects: list, *, keys: list[int] | None = None) -> None:
     several tables' in one query)."""
     if not objects:
         return
+    assert not model._meta.parents, "a child model's key is its parent's: not for bulk_insert"
     connection = transaction.get_connection()
     if connection.vendor != "postgresql":
         model.objects.bulk_create(objects)
@@ -553,9 +557,9 @@ def bulk_insert(model, objects: list, *, keys: list[int] | None = None) -> None:
     stamped = [f.attname for f in fields if getattr(f, "auto_now_add", False) or getattr(f, "auto_now", False)]
     relations = [(i, f) for i, f in enumerate(fields) if f.is_relation]
     attnames = [f.attname for f in fields]
-    values_of = itemgetter(*attnames)
+    values_of = itemgetter(*attnames) if len(attnames) > 1 else (lambda values: (values[attnames[0]],))
 
-    def row(obj) -> list:
+    def row_of(obj) -> list:
         values = obj.__dict__
         for attname in stamped:
             values[attname] = now
@@ -570,9 +574,8 @@ def bulk_insert(model, objects: list, *, keys: list[int] | None = None) -> None:
                     row[i] = values[f.attname] = related.pk
         return row
 
-    keys = _copy_rows(model, attnames, map(row, objects), len(objects), keys)
+    keys = _copy_rows(model, attnames, map(row_of, objects), len(objects), keys)
     pk_attname, alias = model._meta.pk.attname, connection.alias
-    assert not model._meta.parents, "a child model's key is its parent's: set through .pk"
     for key, obj in zip(keys, objects):
         obj.__dict__[pk_attname] = key  # what `.pk = key` sets, without the property's walk over parents
         state = obj._state
@@ -598,6 +601,7 @@ def _copy_rows(model, attnames, values, count: int, keys: list[int] | None) -> l
     """PostgreSQL: `COPY` rows (in `attnames` order) into `model`'s table, each with its
     key; the keys, drawn from the table's sequence unless given."""
     connection = transaction.get_connection()
+    assert connection.in_atomic_block, "COPY outside a transaction would commit on its own"
     meta, quote = model._meta, connection.ops.quote_name
     by_attname = {f.attname: f for f in meta.concrete_fields}
     fields = [by_attname[attname] for attname in attnames]

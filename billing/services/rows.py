@@ -27,9 +27,10 @@ def in_list(values) -> str:
 def one_of(column: str, values, db_type: str) -> tuple[str, list]:
     """SQL saying that `column` is one of `values` (of PostgreSQL type `db_type`), and its
     parameters. On PostgreSQL one parameter, an array: the statement then reads the same
-    whatever the number of values, so psycopg parses it once and keeps it (a statement
-    of over 50 parameters it parsed on every run, and quoted each value: a tenth of a
-    batch's reads). Elsewhere `IN (%s, …)`."""
+    whatever the number of values, so psycopg's cache of parsed statements keeps it (it
+    binds parameters on the client, as Django has it, and re-parsed a statement of over
+    50 parameters on every run, quoting each value: a tenth of a batch's reads; nothing
+    is prepared on the server). Elsewhere `IN (%s, …)`."""
     values = list(values)
     if transaction.get_connection().vendor == "postgresql":
         return f"{column} = ANY(%s::{db_type}[])", [values]

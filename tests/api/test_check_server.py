@@ -427,3 +427,14 @@ def test_each_event_is_counted_once_for_the_rate_limit_whichever_path_answers(se
         (429, "django in a thread"), (429, "django in a thread")]
     window_start = int(NOW.timestamp()) // 60 * 60
     assert cache.get(f"throttle:api:ingest:{api_key.pk}:60:{window_start}") == 5
+
+
+def test_a_reservation_asked_without_the_database_says_it_needs_the_database():
+    """`check_entitlement(reserve=True, cached_only=True)` (the event loop's call) must
+    hand the request on with NeedsDatabase, never write or fail otherwise."""
+    from billing.errors import NeedsDatabase
+    from billing.services.entitlements import check_entitlement
+
+    with pytest.raises(NeedsDatabase):
+        check_entitlement(customer_external_id="acme", feature_code="api", quantity=Decimal("1"), reserve=True,
+                          now=utc(2026, 5, 10), cached_only=True)

@@ -36,7 +36,9 @@ def test_compact_encoder_hands_other_values_to_default_and_refuses_without_one()
 
 
 def test_fingerprints_are_what_they_have_always_been():
-    """Pinned: computed by the encoder the fingerprints were first stored with."""
+    """Pinned: computed at aab7c38, before `compact_encoder`, by the encoder the stored
+    fingerprints were made with (`JSONEncoder(sort_keys=True, separators=(",", ":"),
+    default=str)`)."""
     cases = [
         (EventInput(event_id="e1", customer="acme", feature="gpt-4", quantity=Decimal("1.000000")),
          "2d30e1d04447c933613f989500440795709f8cc10404a38320287940d581296e"),
