@@ -71,12 +71,9 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], threshol
         if event.status == UsageEvent.Status.REJECTED and event.reject_reason == Reason.SPEND_CAP_REACHED:
             cap_event_by_period.setdefault(event.period_id, event.event_id)
     overage_here: dict[int, Decimal] = {}
-    periods = {}
     for event in accepted:
-        period_id = event.period_id
-        overage_here[period_id] = overage_here.get(period_id, ZERO) + event.overage_credits
-        if period_id not in periods:
-            periods[period_id] = event.period
+        overage_here[event.period_id] = overage_here.get(event.period_id, ZERO) + event.overage_credits
+    periods = periods_of(accepted)
     # The period objects carry the totals after these events.
     overage_started = {pk for pk, added in overage_here.items()
                        if added > ZERO and periods[pk].overage_credits == added}
@@ -85,6 +82,16 @@ def enqueue_alert_checks(*, customer_id: int, events: list[UsageEvent], threshol
         enqueue(tasks.check_alerts_task, customer_id, period_id, cap_event_by_period.get(period_id))
     if any(period.plan.runaway_multiplier is not None for period in periods.values()):
         after_commit(schedule_runaway_check, customer_id)
+
+
+def periods_of(events: list[UsageEvent]) -> dict:
+    """Period id → the period of these events, each looked at once (an event's `period`
+    goes through a descriptor; a batch's events share a handful of period objects)."""
+    periods = {}
+    for event in events:
+        if event.period_id not in periods:
+            periods[event.period_id] = event.period
+    return periods
 
 
 def periods_crossing_a_threshold(drawn: dict[int, Decimal]) -> set[int]:

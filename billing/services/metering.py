@@ -21,7 +21,7 @@ from django.db import IntegrityError, transaction
 from billing.errors import BillingError, Conflict, NotFound
 from billing.models import AutoTopUp, BillingPeriod, Customer, LedgerEntry, Reservation, Subscription, UsageEvent
 from billing.periods import as_utc
-from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_threshold
+from billing.services.alerts import enqueue_alert_checks, periods_crossing_a_threshold, periods_of
 from billing.services.customers import open_periods
 from billing.services import rows
 from billing.services.json_text import compact_encoder
@@ -409,10 +409,6 @@ def _enqueue_billing_follow_ups(customer_id: int, events: list[UsageEvent], *, a
         return
     if auto_topup:
         enqueue(tasks.run_auto_topup_task, customer_id)
-    periods = {}
-    for event in accepted:
-        if event.period_id not in periods:
-            periods[event.period_id] = event.period
-    for period_id in sorted(pk for pk, period in periods.items()
+    for period_id in sorted(pk for pk, period in periods_of(accepted).items()
                             if period.plan.progressive_billing_threshold is not None):
         enqueue(tasks.bill_progressively_task, period_id)
